@@ -282,8 +282,6 @@ class MPNext(nn.Module):
 
     def embed(self, input_ids, positions):
         """Token + absolute position embeddings of ORIGINAL positions (0-based), LayerNorm, dropout."""
-        if positions.max() >= self.cfg.max_len:
-            raise ValueError(f"sequence of {int(positions.max()) + 1} positions exceeds max_len={self.cfg.max_len}")
         rows = torch.where(input_ids == self.cfg.pad_id, 1, positions + 2)  # fairseq offset; pads use row 1
         return self.drop(self.emb_ln(self.tok_emb(input_ids) + self.pos_emb(rows)))
 
@@ -304,6 +302,10 @@ class MPNext(nn.Module):
         h = self.head_ln(ACTIVATIONS[self.cfg.activation](self.head_dense(h)))
         return F.linear(h, self.tok_emb.weight, self.head_bias)  # (.., V)
 
+    def _check_length(self, n):
+        if n > self.cfg.max_len:  # a shape check, not a data check: no GPU sync, no torch.compile graph break
+            raise ValueError(f"a sequence of {n} tokens exceeds max_len={self.cfg.max_len} of this model")
+
     def _compute_dtype(self, x):
         dev = x.device.type
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -314,6 +316,7 @@ class MPNext(nn.Module):
         """Hidden states (B, T, D). Positions follow HF/fairseq: the i-th non-pad token has position i, pads none;
         the relative bias uses arange(T) as HF does. attention_mask (B, T): 1 = token, 0 = padding (key masked)."""
         B, T = input_ids.shape
+        self._check_length(T)
         not_pad = (input_ids != self.cfg.pad_id).long()
         positions = (not_pad.cumsum(1) - 1).clamp(min=0)  # (B, T)
         x = self.embed(input_ids, positions)
@@ -336,11 +339,11 @@ class MPNext(nn.Module):
         B, T = input_ids.shape
         n = T - 2 * n_pred if kind == "mpnet" else T - n_pred  # sentence length N
         n_kv = T - n_pred  # content stream rows = keys/values
+        self._check_length(n)
         x = self.embed(input_ids, positions)
         allowed = two_stream_mask(n, n_pred, kind).to(x.device)[None, None]  # (1, 1, T, n_kv)
-        key_pad = input_ids[:, :n_kv] == self.cfg.pad_id
-        if key_pad.any():
-            allowed = allowed & ~key_pad[:, None, None, :]  # (B, 1, T, n_kv)
+        key_pad = input_ids[:, :n_kv] == self.cfg.pad_id  # padding is never a key
+        allowed = allowed & ~key_pad[:, None, None, :]  # (B, 1, T, n_kv)
         bias = self.attention_bias(positions, positions[:, :n_kv], allowed, self._compute_dtype(x))
         return self.run_blocks(x, bias, n_kv)
 

@@ -293,6 +293,21 @@ def test_fresh_mpnext_exports_to_hf(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_from_hf_mpnet_model_without_head():
+    transformers, hf = hf_pair(4)
+    encoder = hf.mpnet  # an MPNetModel: same encoder, no LM head
+    ours = MPNext.from_hf(encoder).eval()
+    ids = torch.randint(4, 149, (2, 11), generator=gen(4))
+    with torch.no_grad():
+        assert torch.allclose(ours.encode(ids), encoder(ids).last_hidden_state, atol=1e-5, rtol=0)
+
+
+def test_too_long_input_is_a_clear_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="exceeds max_len=64"):
+        model(random_ids(1, 65))
+
+
 def test_to_hf_refuses_what_hf_cannot_represent(tmp_path):
     with pytest.raises(ValueError, match="pre_ln"):
         tiny_model(pre_ln=True).to_hf(tmp_path)
