@@ -4,12 +4,16 @@ Every claim is checked against a reference: torch.nn.functional, torch.optim, Hu
 skip cleanly when it is not installed), closed forms, and information-flow tests for every attention mask.
 """
 
+import json
 import math
+import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import mpnext
 from mpnext import MPNext, MPNextConfig, make_batch, relative_bucket, two_stream_mask
 
@@ -58,7 +62,7 @@ def test_relative_bucket_closed_form():
 
 
 def test_relative_bucket_matches_hf():
-    tf = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
     pos = torch.arange(600)
     rel = pos[None, :] - pos[:, None]  # key - query, HF's convention
@@ -441,6 +445,214 @@ def test_lr_multiplier():
     assert mpnext.lr_multiplier(100, 10, 100) == pytest.approx(0.0)
     assert mpnext.lr_multiplier(55, 10, 100, "cosine") == pytest.approx(0.5)
     assert mpnext.lr_multiplier(100, 10, 100, "cosine", min_ratio=0.1) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data.py: corpora, tokenizer, batches
+
+SAMPLE = ("The quick brown fox jumps over the lazy dog. It's 2024, and the dog doesn't care!\n"
+          "Whole-word masking needs word boundaries;\ntabs\tand  double  spaces too.\n") * 20
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.Tokenizer.train(SAMPLE, vocab_size=data.Tokenizer().vocab_size + 60)
+
+
+def test_bpe_wikipedia_example():
+    # https://en.wikipedia.org/wiki/Byte_pair_encoding: aa -> Z, ab -> Y, ZY -> X, so "aaabdaaabac" -> "XdXac"
+    n0 = len(data.SPECIAL_TOKENS) + 256
+    t = data.Tokenizer.train("aaabdaaabac", vocab_size=n0 + 3)
+    a, b, c, d = (len(data.SPECIAL_TOKENS) + ord(ch) for ch in "abcd")
+    assert t.merges == [(a, a), (a, b), (n0, n0 + 1)]
+    assert t.encode("aaabdaaabac") == [n0 + 2, d, n0 + 2, a, c]
+    assert [t.id_to_piece(i) for i in t.encode("aaabdaaabac")] == ["aaab", "d", "aaab", "a", "c"]
+
+
+@pytest.mark.parametrize("s", ["", "a", " ", "hello world", "  leading and trailing  ", "\n\n\n", "a\r\nb\r\n",
+                               "\ttab\t\tx", "NUL\x00byte", "naïve café", "日本語",
+                               "emoji 👍🏽 🤖!",
+                               "x_y__z 12345 1.5e-3", "<mask> <s> </s> are plain text", "don't we'll I'VE"])
+def test_roundtrip(tok, s):
+    ids = tok.encode(s)
+    assert tok.decode(ids) == s
+    assert all(i >= tok.n_special for i in ids)  # plain text never produces special ids
+
+
+def test_specials_and_decode(tok):
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id, tok.n_special) == (0, 1, 2, 3, 5)
+    hi = tok.encode("hi")
+    assert tok.decode([tok.pad_id, tok.bos_id] + hi + [tok.mask_id, tok.eos_id, tok.pad_id]) == "<s>hi<mask></s>"
+    assert tok.decode(torch.tensor(hi)) == "hi"
+    assert tok.decode([tok.n_special + 0xE2]) == "\ufffd"  # a lone UTF-8 lead byte
+
+
+def test_train_deterministic_and_save_load(tok, tmp_path):
+    again = data.Tokenizer.train(SAMPLE.split("\n"), vocab_size=tok.vocab_size)  # docs vs one string: same counts
+    assert again.merges == tok.merges and again.fingerprint == tok.fingerprint
+    tok.save(tmp_path / "tok.json")
+    loaded = data.Tokenizer.load(tmp_path / "tok.json")
+    assert loaded.merges == tok.merges and loaded.vocab_size == tok.vocab_size
+    assert loaded.encode(SAMPLE) == tok.encode(SAMPLE)
+    assert not list(tmp_path.glob("*.tmp*"))  # atomic write left no temp file
+
+
+def test_tokenizer_load_errors(tmp_path):
+    for name, content in [("missing.json", None), ("bad.json", "{not json"), ("other.json", json.dumps({"a": 1}))]:
+        p = tmp_path / name
+        if content is not None:
+            p.write_text(content)
+        with pytest.raises(data.DataError, match=name):
+            data.Tokenizer.load(p)
+    with pytest.raises(data.DataError):
+        data.Tokenizer.train("abc", vocab_size=100)
+
+
+def test_word_start_table_and_flags():
+    t = data.Tokenizer.train("the thing, the ring, singing the\n", vocab_size=data.Tokenizer().vocab_size + 10)
+    piece = {t.id_to_piece(i): i for i in range(t.vocab_size)}
+    assert t.word_start[[piece[" the"], piece[" thing"], piece[","], piece["\n"], t.mask_id]].all()
+    assert not t.word_start[[piece["the"], piece["ing"], piece["a"], piece["7"]]].any()
+    assert not t.word_start[t.n_special + 0xC3]  # UTF-8 lead byte: letters like "é" continue a word
+    ids = np.array(t.encode("the thing\nthe thing") + [t.eos_id] + t.encode("singing"))
+    pieces = [t.id_to_piece(i) for i in ids]
+    assert pieces == ["the", " thing", "\n", "the", " thing", "</s>", "s", "inging"]
+    flags = data.word_start_flags(ids, t)
+    # "the" starts a line and "s" a document: forced True although the table says "continuation"
+    assert flags.tolist() == [True, True, True, True, True, True, True, False]
+    tflags = data.word_start_flags(torch.from_numpy(ids).view(1, -1), t)
+    assert tflags.dtype == torch.bool and tflags[0].tolist() == flags.tolist()
+    assert not t.word_start[piece["the"]] and flags.dtype == bool
+
+
+def test_load_documents_file_and_dir(tmp_path):
+    paras = [f"Paragraph {i}." + " word" * 100 for i in range(60)]  # ~60 x 520 chars
+    f = tmp_path / "book.txt"
+    f.write_text("\n\n".join(paras) + "\n", encoding="utf-8")
+    docs = data.load_documents(str(f))
+    assert 10 <= len(docs) <= 20 and all(len(d) >= 2000 for d in docs[:-1])
+    assert "\n\n".join(docs) == "\n\n".join(paras).strip()  # nothing lost but the outer whitespace
+    train, val = data.split_documents(docs, val_fraction=0.1, seed=0)
+    assert len(val) >= 1 and sorted(train + val) == sorted(docs)
+    assert data.split_documents(docs, 0.1, seed=0) == (train, val)
+    one_train, one_val = data.split_documents(["alpha beta gamma delta " * 50], 0.1)
+    assert one_val and (one_train[0] + " " + one_val[0]).split() == ("alpha beta gamma delta " * 50).split()
+    d = tmp_path / "corpus"
+    (d / "sub").mkdir(parents=True)
+    (d / "b.txt").write_text("second", encoding="utf-8")
+    (d / "sub" / "a.txt").write_text("third", encoding="utf-8")
+    (d / "a.txt").write_text("first\n", encoding="utf-8")
+    (d / "skip.md").write_text("not text", encoding="utf-8")
+    assert data.load_documents(str(d)) == ["first", "second", "third"]
+
+
+def test_load_documents_errors(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text(" \n\t\n  ")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ok".encode("latin-1"))
+    (tmp_path / "nodocs").mkdir()
+    (tmp_path / "nodocs" / "x.csv").write_text("a,b")
+    cases = {"missing.txt": "no such file", "empty.txt": "empty", "blank.txt": "empty",
+             "latin1.txt": "offset 3.*UTF-8", "nodocs": "no .txt files"}
+    for name, why in cases.items():
+        with pytest.raises(data.DataError, match=why) as e:
+            data.load_documents(str(tmp_path / name))
+        assert name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_batches(tok):
+    stream = data.encode_documents(SAMPLE.split("\n\n") * 3, tok)
+    assert stream.dtype == np.uint16 and stream[-1] == tok.eos_id
+    batches = data.Batches(stream, tok, seq_len=16, batch_size=4)
+    x1, f1 = batches.sample(torch.Generator().manual_seed(0))
+    x2, f2 = batches.sample(torch.Generator().manual_seed(0))
+    assert x1.shape == f1.shape == (4, 16) and x1.dtype == torch.long and f1.dtype == torch.bool
+    assert torch.equal(x1, x2) and torch.equal(f1, f2)
+    assert (x1[:, 0] == tok.bos_id).all()
+    assert torch.equal(f1, data.word_start_flags(x1, tok))  # same flags as computing them on the rows
+    text = tok.decode(x1[0, 1:])
+    assert text in tok.decode(stream)  # rows are consecutive stream tokens
+    rows = [x for x, _ in batches.iterate()]
+    assert len(rows) == len(batches)
+    covered = torch.cat(rows)[:, 1:].reshape(-1)
+    n = len(stream) // 15 * 15
+    assert torch.equal(covered, torch.from_numpy(stream[:n].astype(np.int64)))
+    with pytest.raises(data.DataError, match="shorter than one block"):
+        data.Batches(stream[:10], tok, seq_len=16, batch_size=4, name="val")
+
+
+def test_encode_documents_cache(tok, tmp_path, monkeypatch):
+    docs = ["first document here.", "and a second one"]
+    path = tmp_path / "stream.npy"
+    s1 = data.encode_documents(docs, tok, cache_path=path)
+    assert s1.tolist() == tok.encode(docs[0]) + [tok.eos_id] + tok.encode(docs[1]) + [tok.eos_id]
+    monkeypatch.setattr(tok, "encode", lambda text: pytest.fail("cache not used"))
+    assert np.array_equal(data.encode_documents(docs, tok, cache_path=path), s1)
+    monkeypatch.undo()
+    other = data.Tokenizer.train("first document", vocab_size=data.Tokenizer().vocab_size + 5)
+    s2 = data.encode_documents(docs, other, cache_path=path)  # different tokenizer -> rebuilt
+    assert s2.tolist() == other.encode(docs[0]) + [2] + other.encode(docs[1]) + [2]
+    with pytest.raises(data.DataError):
+        data.encode_documents(["", ""], tok)
+
+
+def test_sentence_polarity(tmp_path):
+    (tmp_path / "rt-polarity.pos").write_bytes(b"a gorgeous film \x96 truly .\nfun .\n")
+    (tmp_path / "rt-polarity.neg").write_bytes("bad caf\xe9 \x97 .\n\n".encode("utf-8"))  # UTF-8 copy, C1 dash left in
+    texts, labels = data.load_sentence_polarity(tmp_path)
+    assert texts == ["a gorgeous film \u2013 truly .", "fun .", "bad caf\xe9 \u2014 ."] and labels == [1, 1, 0]
+    with pytest.raises(data.DataError, match="rt-polarity.pos"):
+        data.load_sentence_polarity(tmp_path / "nowhere")
+
+
+def test_kfold_partition():
+    folds = data.kfold_indices(23, k=5, seed=1)
+    assert len(folds) == 5
+    tests = np.concatenate([te for _, te in folds])
+    assert sorted(tests.tolist()) == list(range(23))
+    for tr, te in folds:
+        assert not set(tr) & set(te) and len(tr) + len(te) == 23
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, data.kfold_indices(23, k=5, seed=1)))
+
+
+def test_default_corpus(tmp_path):
+    docs = data.default_corpus(cache_dir=tmp_path)
+    assert sum(map(len, docs)) > 500_000 and all(d.strip() for d in docs)
+    assert data.load_documents(None, cache_dir=tmp_path) == docs  # second call reads the cache back exactly
+    assert "Return" in "".join(docs[:50])  # English prose, not code
+
+
+def test_bpe_matches_naive_reference():
+    # the incremental heap trainer must pick exactly what a from-scratch recount would (max count, then smallest pair)
+    rng = random.Random(0)  # small alphabet and short words: lots of count ties to break
+    text = " ".join("".join(rng.choice("abcde") for _ in range(rng.randint(1, 6))) for _ in range(1500))
+    tok = data.Tokenizer.train(text, vocab_size=data.Tokenizer().vocab_size + 40)
+    words = {}
+    for w in tok._pat.findall(text):
+        words[w] = words.get(w, 0) + 1
+    seqs = {w: [tok.n_special + b for b in w.encode()] for w in words}
+    merges = []
+    for new_id in range(tok.n_special + 256, tok.vocab_size):
+        counts = {}
+        for w, s in seqs.items():
+            for p in zip(s, s[1:]):
+                counts[p] = counts.get(p, 0) + words[w]
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        seqs = {w: data._merge(s, best, new_id) for w, s in seqs.items()}
+    assert len(merges) == 40 and tok.merges == merges
+
+
+def test_shakespeare_offline_is_a_one_line_data_error(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    with pytest.raises(data.DataError, match="--data FILE") as e:
+        data.load_documents("shakespeare", cache_dir=tmp_path)
+    assert "\n" not in str(e.value)
+    (tmp_path / "tinyshakespeare.txt").write_text("First Citizen:\nBefore we proceed.\n\nAll:\nSpeak, speak.\n")
+    expected = ["First Citizen:\nBefore we proceed.\n\nAll:\nSpeak, speak."]
+    assert data.load_documents("shakespeare", cache_dir=tmp_path) == expected
 
 
 if __name__ == "__main__":
