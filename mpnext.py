@@ -20,7 +20,8 @@ Reading guide (small pieces first, the model last):
     5. the model .......... attention, block, MPNext (natural-order encoder + two-stream encoder + tied LM head)
     6. input builders ..... permutation (token or whole word), 80/10/10 corruption, MLM / PLM / MPNet batches, the loss
     7. Hugging Face ....... MPNext.from_hf / to_hf, logits identical to transformers' MPNetForMaskedLM
-    8. schedules .......... warmup + linear / cosine decay
+    8. optimizers ......... AdamW, RAdam, Lookahead, GC, AGC, Ranger, Ranger21 (and a factory for train.py)
+    9. schedules .......... warmup + linear / cosine decay
 
 Shapes: B batch, N tokens of a sentence, P predicted tokens, C = N - P, T rows fed to the encoder,
 H heads, hs head size, D = d_model, V vocabulary.
@@ -77,8 +78,9 @@ class MPNextConfig:
 
 
 PRESETS = {
-    # trains in minutes on 2 CPU cores: ~3M parameters besides the embeddings
-    "tiny": dict(n_layer=4, n_head=4, d_model=128, d_ff=512, max_len=128),
+    # trains in minutes on 2 CPU cores: 0.8M parameters besides the embeddings; no dropout, which only slows a
+    # model that sees its data a few times (cramming, arXiv 2212.14034, also pre-trains without it)
+    "tiny": dict(n_layer=4, n_head=4, d_model=128, d_ff=512, max_len=128, dropout=0.0, attn_dropout=0.0),
     "small": dict(n_layer=6, n_head=8, d_model=256, d_ff=1024, max_len=256),
     "medium": dict(n_layer=8, n_head=8, d_model=512, d_ff=2048, max_len=512),
     # MPNet-base exactly (hub config microsoft/mpnet-base): fairseq dictionary ids <s>=0 <pad>=1 </s>=2 <unk>=3,
@@ -538,7 +540,419 @@ def make_batch(input_ids, cfg, generator, word_starts=None, objective=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 8. Learning-rate schedules
+# 8. Optimizers: a combination lab
+#
+#   Adam         Kingma & Ba, arXiv 1412.6980 (Alg. 1)        AdamW      Loshchilov & Hutter, arXiv 1711.05101 (Alg. 2)
+#   RAdam        Liu et al., arXiv 1908.03265 (Alg. 2)        Lookahead  Zhang et al., arXiv 1907.08610 (Alg. 1)
+#   GC           Gradient Centralization, Yong et al., arXiv 2004.01461
+#   AGC          Adaptive Gradient Clipping (NFNets), Brock et al., arXiv 2102.06171
+#   Ranger21     Wright & Demeure, arXiv 2106.13731, bundling Positive-Negative Momentum (arXiv 2103.17182), Stable
+#                Weight Decay (arXiv 2011.11152), Norm Loss (arXiv 2103.06583) and a softplus denominator (1908.00700)
+#
+# One Adam core (adam_moments_, adam_denominator) serves AdamW, RAdam and Ranger21, in torch.optim.AdamW's order:
+#   theta <- theta*(1 - lr*lam);  m <- b1*m + (1-b1)*g;  v <- b2*v + (1-b2)*g^2;  t = 1, 2, ...
+#   theta <- theta - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+# Each optimizer can switch on AGC -> GC -> normalized GC at the start of step(); all state is tensors or numbers.
+
+def centralize_gradient_(grad: torch.Tensor, conv_only: bool = False) -> torch.Tensor:
+    """GC, in place: g_i <- g_i - mean(g_i) for each output unit i (PyTorch weights are [out, ...], so the paper's
+    "column" is our row). Only tensors with ndim > 1, or ndim > 3 with conv_only (the paper's GCC); never biases."""
+    if grad.dim() > (3 if conv_only else 1):
+        grad.sub_(grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True))  # the projection (I - 11^T/M) per row
+    return grad
+
+
+def normalize_gradient_(grad: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Ranger21's normalized GC, in place: g <- g / (std(g) + eps), whole-tensor unbiased std, if numel > 2.
+    Candidly: every tensor then reaches the moments with std ~ 1, so its gradient scale (and most of AGC) is gone."""
+    if grad.numel() > 2:
+        grad.div_(grad.std() + eps)
+    return grad
+
+
+def unit_norm(x: torch.Tensor) -> torch.Tensor:
+    """Norm per output unit (over dims 1..n-1, keepdim) for ndim >= 2, of the whole tensor for ndim <= 1 (timm's
+    convention; Ranger21's own helper differs on 3-D tensors, where it reduces dim 1 only)."""
+    return torch.linalg.vector_norm(x, dim=None if x.dim() <= 1 else tuple(range(1, x.dim())), keepdim=x.dim() > 1)
+
+
+def adaptive_clip_grad_(p: torch.Tensor, clip: float = 0.01, eps: float = 1e-3) -> None:
+    """AGC, unit-wise, in place: W*_i = max(||W_i||, eps); if ||G_i|| / W*_i > clip: G_i <- clip * W*_i * G_i/||G_i||.
+    Needs unscaled grads under AMP; the paper leaves the final (output) layer unclipped: give it agc_exempt=True."""
+    max_norm = unit_norm(p.detach()).clamp(min=eps) * clip  # clip * W*_i
+    grad_norm = unit_norm(p.grad).clamp(min=1e-6)
+    p.grad.copy_(torch.where(grad_norm > max_norm, p.grad * (max_norm / grad_norm), p.grad))
+
+
+def clip_global_norm_(params, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """Global norm clipping as torch.nn.utils.clip_grad_norm_: total = ||(||g_1||, ..., ||g_n||)||_p, then
+    g <- g * min(1, max_norm / (total + 1e-6)). Returns the total norm before clipping."""
+    grads = [p.grad for p in ([params] if isinstance(params, torch.Tensor) else params) if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, norm_type) for g in grads]), norm_type)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.device))
+    return total
+
+
+# gradient switches understood by every optimizer below, per param group (Ranger21 turns gc/norm_gc/agc on)
+GRAD_OPTIONS = dict(gc=False, gc_conv_only=False, norm_gc=False, agc=False, agc_clip=0.01, agc_eps=1e-3,
+                    agc_exempt=False)
+
+
+class LabOptimizer(torch.optim.Optimizer):
+    """torch.optim.Optimizer + GRAD_OPTIONS as param-group entries (so the output layer's group can carry
+    agc_exempt=True). Order as in Ranger21: AGC -> GC -> norm-GC, in place on p.grad (the caller sees it)."""
+
+    def __init__(self, params, defaults: dict, grad_options: dict):
+        if set(grad_options) - set(GRAD_OPTIONS):
+            raise TypeError(f"unknown gradient options: {sorted(set(grad_options) - set(GRAD_OPTIONS))}")
+        super().__init__(params, {**defaults, **GRAD_OPTIONS, **grad_options})
+
+    def prepare_grads(self, group: dict) -> list:
+        """Apply the group's gradient switches; return its params that have a gradient."""
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if group["agc"] and not group["agc_exempt"]:
+                adaptive_clip_grad_(p, group["agc_clip"], group["agc_eps"])
+            if group["gc"]:
+                centralize_gradient_(p.grad, group["gc_conv_only"])
+            if group["norm_gc"]:
+                normalize_gradient_(p.grad)
+        return params
+
+    @staticmethod
+    def _closure(closure):
+        with torch.enable_grad():
+            return None if closure is None else closure()
+
+
+def adam_state(p: torch.Tensor, state: dict, *extra: str) -> dict:
+    """Create Adam's state on first use: the step t (a plain int), m, v and extra zero buffers (PNM, AMSGrad)."""
+    if "exp_avg_sq" not in state:
+        state["step"] = 0
+        for key in ("exp_avg", "exp_avg_sq") + extra:
+            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
+
+
+def adam_moments_(state: dict, grad: torch.Tensor, beta1, beta2: float) -> int:
+    """The shared Adam moment update (Adam Alg. 1), in place; returns the new t. beta1=None updates v only
+    (Ranger21 needs every v before any update, and computes its first moment, PNM, itself)."""
+    state["step"] += 1
+    if beta1 is not None:
+        state["exp_avg"].lerp_(grad, 1 - beta1)  # m_t = b1*m_{t-1} + (1-b1)*g_t
+    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v_t = b2*v_{t-1} + (1-b2)*g_t^2
+    return state["step"]
+
+
+def adam_denominator(v: torch.Tensor, bc2: float, eps: float, softplus_beta=None) -> torch.Tensor:
+    """sqrt(v / bc2) + eps (torch adds eps AFTER the bias correction bc2 = 1 - b2^t). Ranger21 then smooths it:
+    softplus(x) = log(1 + exp(beta*x)) / beta, ~x for x >> 1/beta but floored at log(2)/beta (0.014 for beta 50)."""
+    denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
+    return denom if softplus_beta is None else nn.functional.softplus(denom, beta=softplus_beta)
+
+
+def weight_decay_(p: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float, decoupled: bool):
+    """Decoupled (AdamW Alg. 2): theta <- theta * (1 - lr*lam), with the current (scheduled) lr as torch does;
+    coupled (L2): g <- g + lam*theta. Both before the moments, as in torch. Returns the gradient to use."""
+    if weight_decay != 0 and decoupled:
+        p.mul_(1 - lr * weight_decay)
+    elif weight_decay != 0:
+        grad = grad.add(p, alpha=weight_decay)
+    return grad
+
+
+class AdamW(LabOptimizer):
+    """AdamW from scratch, in torch.optim.AdamW's exact order (bitwise equal to it on CPU in our tests)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, **grad_options):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), grad_options)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._closure(closure)
+        for group in self.param_groups:
+            (beta1, beta2), lr = group["betas"], group["lr"]
+            for p in self.prepare_grads(group):
+                state = adam_state(p, self.state[p])
+                grad = weight_decay_(p, p.grad, lr, group["weight_decay"], decoupled=True)
+                t = adam_moments_(state, grad, beta1, beta2)
+                denom = adam_denominator(state["exp_avg_sq"], 1 - beta2**t, group["eps"])
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))  # theta -= lr * m_hat / denom
+        return loss
+
+
+class RAdam(LabOptimizer):
+    """RAdam (Alg. 2) as torch.optim.RAdam computes it: rectified step while rho_t > 5 (torch's threshold; the paper
+    says > 4, one step earlier), else SGD with bias-corrected momentum (no v, no eps). Weight decay is L2, or
+    decoupled with decoupled_weight_decay=True (the paper's experiments). degenerated_to_sgd=False is the author's
+    later advice: no update and no weight decay until rectified (m and v still accumulate)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+                 degenerated_to_sgd=True, **grad_options):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, degenerated_to_sgd=
+                                      degenerated_to_sgd, decoupled_weight_decay=decoupled_weight_decay), grad_options)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._closure(closure)
+        for group in self.param_groups:
+            (beta1, beta2), lr = group["betas"], group["lr"]
+            rho_inf = 2 / (1 - beta2) - 1  # maximum length of the approximated SMA
+            for p in self.prepare_grads(group):
+                state = adam_state(p, self.state[p])
+                t = state["step"] + 1
+                rho_t = rho_inf - 2 * t * beta2**t / (1 - beta2**t)  # its length at step t
+                update = rho_t > 5 or group["degenerated_to_sgd"]
+                decay = group["weight_decay"] if update else 0.0
+                adam_moments_(state, weight_decay_(p, p.grad, lr, decay, group["decoupled_weight_decay"]), beta1, beta2)
+                bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+                if rho_t > 5:  # the variance of the adaptive lr is tractable: rectify it
+                    r_t = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+                    # torch adds eps to the UNcorrected sqrt(v): Adam's denominator with eps' = eps / sqrt(bc2)
+                    denom = adam_denominator(state["exp_avg_sq"], bc2, group["eps"] / math.sqrt(bc2))
+                    p.addcdiv_(state["exp_avg"], denom, value=-lr * r_t / bc1)  # theta -= lr * r_t * m_hat / denom
+                elif update:
+                    p.add_(state["exp_avg"], alpha=-lr / bc1)  # theta -= lr * m_hat (SGD with momentum)
+        return loss
+
+
+def lookahead_sync_(p: torch.Tensor, slow: torch.Tensor, alpha: float) -> None:
+    """Lookahead Alg. 1, once every k steps: phi <- phi + alpha * (theta - phi); theta <- phi."""
+    slow.add_(p - slow, alpha=alpha)
+    p.copy_(slow)
+
+
+class SlowWeights:
+    """`with SlowWeights(opt): evaluate()` loads the Lookahead slow weights phi (opt.state[p]["slow_param"]) into the
+    model and restores the fast weights afterwards; params without phi yet (before the first step) stay as they are."""
+
+    def __init__(self, optimizer):
+        self.optimizer, self.fast = optimizer, []
+
+    @torch.no_grad()
+    def __enter__(self):
+        for p in (p for group in self.optimizer.param_groups for p in group["params"]):
+            slow = self.optimizer.state.get(p, {}).get("slow_param")
+            if slow is not None:
+                self.fast.append((p, p.detach().clone()))
+                p.copy_(slow)
+        return self.optimizer
+
+    @torch.no_grad()
+    def __exit__(self, *exc):
+        for p, fast in self.fast:
+            p.copy_(fast)
+        self.fast = []
+
+
+class Lookahead(torch.optim.Optimizer):
+    """Lookahead around any optimizer. param_groups and defaults ARE the inner optimizer's (LR schedulers, GradScaler
+    and zero_grad work through the wrapper); self.state holds the slow weights only, and the sync counter is
+    group["la_step"], so state_dict() carries both. Optimizer.__init__ is skipped on purpose (it would copy the
+    groups). phi is copied at the first step(), before its update: the same as at construction, but safe when the
+    weights are loaded after the wrapper is built (michaelrzhang's code then drags them halfway back to the init)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, k: int = 5, alpha: float = 0.5):
+        if k < 1 or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"need k >= 1 and 0 <= alpha <= 1, got k={k}, alpha={alpha}")
+        self.optimizer, self.k, self.alpha, self.state = optimizer, k, alpha, {}
+
+    param_groups = property(lambda self: self.optimizer.param_groups)
+    defaults = property(lambda self: self.optimizer.defaults)
+
+    def _params(self) -> list:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p in self._params():
+            if p not in self.state:
+                self.state[p] = {"slow_param": p.detach().clone()}  # phi_0 = theta_0
+        loss = self.optimizer.step(closure)
+        for group in self.param_groups:
+            group["la_step"] = group.get("la_step", 0) + 1
+            if group["la_step"] % self.k == 0:
+                for p in group["params"]:
+                    lookahead_sync_(p, self.state[p]["slow_param"], self.alpha)
+        return loss
+
+    def slow_weights(self) -> SlowWeights:
+        return SlowWeights(self)
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.optimizer.zero_grad(set_to_none)
+
+    def add_param_group(self, param_group: dict):
+        self.optimizer.add_param_group(param_group)  # its phi is taken at the next step()
+
+    def state_dict(self) -> dict:
+        state_dict = self.optimizer.state_dict()  # its param_groups carry la_step
+        state_dict["slow_state"] = {i: dict(self.state[p]) for i, p in enumerate(self._params()) if p in self.state}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict):
+        state_dict = dict(state_dict)
+        slow_state = state_dict.pop("slow_state", {})
+        self.optimizer.load_state_dict(state_dict)
+        params = self._params()
+        self.state = {params[i]: {"slow_param": s["slow_param"].to(params[i].device, params[i].dtype, copy=True)}
+                      for i, s in slow_state.items()}
+
+    def __getstate__(self):  # pickle / deepcopy: Optimizer's own versions assume Optimizer.__init__ ran
+        return self.__dict__
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+class Ranger(Lookahead):
+    """Ranger (Wright, 2019) = Lookahead(RAdam + GC) with ranger.py's defaults (k=6, alpha=0.5, betas (0.95, 0.999),
+    eps 1e-5, decoupled weight decay, rho_t > 5 with the SGD fallback, GC on every grad with ndim > 1)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.95, 0.999), eps=1e-5, weight_decay=0.0, k=6, alpha=0.5, gc=True,
+                 **grad_options):
+        inner = RAdam(params, lr, betas, eps, weight_decay, decoupled_weight_decay=True, gc=gc, **grad_options)
+        super().__init__(inner, k, alpha)
+
+
+class Ranger21(LabOptimizer):
+    """Ranger21 (arXiv 2106.13731): AdamW + AGC -> GC -> norm-GC, positive-negative momentum, stable weight decay,
+    norm loss, softplus denominator, Lookahead, linear warmup and warmdown; every part is a switch, and with all of
+    them off this is exactly AdamW. Fixed, unlike the original code: weight decay and norm loss reach every tensor
+    (a leaked loop variable applied them to one tensor per group); PNM uses pnm_momentum_factor b0 (hard-wired to 1,
+    and normalized with b2, there); AMSGrad keeps a real running max (the max was written into v: dead code).
+    Our choices: norm loss follows weight decay (groups with weight_decay > 0, so not biases/LayerNorm/embeddings);
+    the schedule scales each group's own lr (not the constructor lr) and is not written into group["lr"]; the
+    lookahead counter is each param's step; grads get GC + norm-GC once (the original repeats both, a near no-op)."""
+
+    def __init__(self, params, lr, num_iterations=None, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4, *,
+                 use_warmup=True, num_warmup_iterations=None, warmdown_active=True, warmdown_start_pct=0.72,
+                 warmdown_min_lr=3e-5, lookahead_active=True, lookahead_k=5, lookahead_alpha=0.5,
+                 stable_weight_decay=True, normloss_active=True, normloss_factor=1e-4, pnm=True,
+                 pnm_momentum_factor=1.0, amsgrad=True, softplus=True, beta_softplus=50.0,
+                 gc=True, norm_gc=True, agc=True, **grad_options):
+        if (use_warmup or warmdown_active) and num_iterations is None:
+            raise ValueError("Ranger21's warmup/warmdown need num_iterations, the total number of steps")
+        if use_warmup and num_warmup_iterations is None:
+            num_warmup_iterations = math.ceil(2 / (1 - betas[1]))  # the 2/(1 - b2) rule: 2000 for b2 = 0.999
+            if num_warmup_iterations > 0.45 * num_iterations:  # too long for this run: 22% of it (the code's value)
+                num_warmup_iterations = max(1, int(0.22 * num_iterations))
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, num_iterations=num_iterations,
+                        use_warmup=use_warmup, num_warmup_iterations=num_warmup_iterations,
+                        warmdown_active=warmdown_active, warmdown_start_pct=warmdown_start_pct,
+                        warmdown_min_lr=warmdown_min_lr, lookahead_active=lookahead_active, lookahead_k=lookahead_k,
+                        lookahead_alpha=lookahead_alpha, stable_weight_decay=stable_weight_decay,
+                        normloss_active=normloss_active, normloss_factor=normloss_factor, pnm=pnm,
+                        pnm_momentum_factor=pnm_momentum_factor, amsgrad=amsgrad, softplus=softplus,
+                        beta_softplus=beta_softplus)
+        super().__init__(params, defaults, dict(gc=gc, norm_gc=norm_gc, agc=agc, **grad_options))
+
+    @staticmethod
+    def scheduled_lr(group: dict, t: int) -> float:
+        """lr at step t = 1, 2, ...: warmup lr * min(1, t/W); from S = int(0.72 T) on, warmdown
+        lr - (lr - min_lr) * (t + 1 - S) / (T - S + 1), floored at min_lr (the original code's formulas)."""
+        lr = group["lr"]
+        if group["use_warmup"]:
+            lr = lr * min(1.0, t / group["num_warmup_iterations"])
+        total, min_lr = group["num_iterations"], group["warmdown_min_lr"]
+        start = int(group["warmdown_start_pct"] * total) if group["warmdown_active"] else math.inf
+        if t >= start:
+            lr = max(min_lr, group["lr"] - (group["lr"] - min_lr) * (t + 1 - start) / (total - start + 1))
+        return lr
+
+    def slow_weights(self) -> SlowWeights:
+        return SlowWeights(self)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._closure(closure)
+        # phase 1: AGC -> GC -> norm-GC; v_t of every param; the sum of all v_hat for stable weight decay
+        work, v_hat_sum, numel = [], 0.0, 0
+        for group in self.param_groups:
+            beta2 = group["betas"][1]
+            extra = [k for k, on in (("neg_exp_avg", group["pnm"]), ("max_exp_avg_sq", group["amsgrad"])) if on]
+            for p in self.prepare_grads(group):
+                state = adam_state(p, self.state[p], *extra)
+                if group["lookahead_active"] and "slow_param" not in state:
+                    state["slow_param"] = p.detach().clone()  # phi_0 = theta_0
+                t = adam_moments_(state, p.grad, None, beta2)
+                v_hat_sum = v_hat_sum + state["exp_avg_sq"].sum() / (1 - beta2**t)
+                numel += p.numel()
+                work.append((group, p, state, t))
+        if not work:
+            return loss
+        # stable weight decay divides the decoupled decay by sqrt(mean v_hat) over ALL params (1 while v is all 0)
+        v_scale = torch.sqrt(v_hat_sum / numel)
+        v_scale = torch.where(v_scale > 0, v_scale, torch.ones_like(v_scale))
+        # phase 2: regularizers, first moment, update, lookahead
+        for group, p, state, t in work:
+            (beta1, beta2), wd, lr = group["betas"], group["weight_decay"], self.scheduled_lr(group, t)
+            if wd != 0:
+                p.mul_(1 - lr * wd / v_scale if group["stable_weight_decay"] else 1 - lr * wd)
+                if group["normloss_active"]:  # norm loss f*(||w_i|| - 1)^2 per row, gradient 2f(1 - 1/||w_i||) w_i
+                    p.mul_(1 - lr * 2 * group["normloss_factor"] * (1 - 1 / (unit_norm(p) + group["eps"])))
+            if group["pnm"]:
+                # PNM: two momenta take turns, each updated every other step with b1^2 (so 1 - b1^t still corrects
+                # the bias); direction ((1 + b0) m_now - b0 m_other) / sqrt((1 + b0)^2 + b0^2) keeps the noise scale
+                now, other = state["exp_avg"], state["neg_exp_avg"]
+                now, other = (now, other) if t % 2 == 1 else (other, now)
+                now.mul_(beta1**2).add_(p.grad, alpha=1 - beta1**2)
+                b0 = group["pnm_momentum_factor"]
+                m = now.mul(1 + b0).add_(other, alpha=-b0).div_(math.sqrt((1 + b0) ** 2 + b0**2))
+            else:
+                m = state["exp_avg"].lerp_(p.grad, 1 - beta1)  # m_t = b1*m_{t-1} + (1-b1)*g_t
+            v = state["exp_avg_sq"]
+            if group["amsgrad"]:
+                v = torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])  # v_max = max(v_max, v)
+            softplus_beta = group["beta_softplus"] if group["softplus"] else None
+            p.addcdiv_(m, adam_denominator(v, 1 - beta2**t, group["eps"], softplus_beta), value=-lr / (1 - beta1**t))
+            if group["lookahead_active"] and t % group["lookahead_k"] == 0:
+                lookahead_sync_(p, state["slow_param"], group["lookahead_alpha"])
+        return loss
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas=(0.9, 0.98), eps=1e-6,
+                    lookahead=False, gc=False, num_iterations=None, output_layer_names=()) -> torch.optim.Optimizer:
+    """The optimizer for train.py; name is adamw, radam, ranger or ranger21. Weight decay only on params with
+    ndim >= 2 that are not nn.Embedding weights (no decay for biases, LayerNorm, embeddings), and GC never on the
+    no-decay group (embedding rows are not the CNN "weight vectors" of GC's evidence). Modules or parameters named
+    in output_layer_names are exempt from AGC. RAdam decays decoupled here. lookahead=True wraps adamw/radam (Ranger
+    and Ranger21 include it); Ranger21's warmup/warmdown need num_iterations and stack with any outside schedule."""
+    named = {n: list(m.parameters()) for n, m in model.named_modules() if n}  # a module name, or ...
+    named.update((n, [p]) for n, p in model.named_parameters())  # ... a parameter name (e.g. a bare output bias)
+    if any(n not in named for n in output_layer_names):
+        raise ValueError(f"unknown module/parameter name in output_layer_names={output_layer_names}")
+    exempt = {id(p) for n in output_layer_names for p in named[n]}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    groups = {}
+    for p in model.parameters():  # each tensor once, tied weights included
+        if p.requires_grad:
+            groups.setdefault((p.ndim >= 2 and id(p) not in embeddings, id(p) in exempt), []).append(p)
+    param_groups = []  # decay groups first; the AGC-exempt output layer in groups of its own
+    for (decay, agc_exempt), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        param_groups.append(dict(params=params, weight_decay=weight_decay if decay else 0.0, agc_exempt=agc_exempt))
+        if not decay:
+            param_groups[-1]["gc"] = False
+    grad_options = dict(gc=True) if gc else {}
+    if name == "adamw":
+        optimizer = AdamW(param_groups, lr, betas, eps, weight_decay, **grad_options)
+    elif name == "radam":
+        optimizer = RAdam(param_groups, lr, betas, eps, weight_decay, decoupled_weight_decay=True, **grad_options)
+    elif name == "ranger":
+        return Ranger(param_groups, lr, betas, eps, weight_decay)
+    elif name == "ranger21":
+        return Ranger21(param_groups, lr, num_iterations, betas, eps, weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}: use adamw, radam, ranger or ranger21")
+    return Lookahead(optimizer) if lookahead else optimizer
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 9. Learning-rate schedules
 
 
 def lr_multiplier(step, warmup_steps, total_steps, decay="linear", min_ratio=0.0):

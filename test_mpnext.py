@@ -4,18 +4,27 @@ Every claim is checked against a reference: torch.nn.functional, torch.optim, Hu
 skip cleanly when it is not installed), closed forms, and information-flow tests for every attention mask.
 """
 
+import copy
+import io
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import data
 import mpnext
-from mpnext import MPNext, MPNextConfig, make_batch, relative_bucket, two_stream_mask
+import train
+from mpnext import (AdamW, Lookahead, MPNext, MPNextConfig, RAdam, Ranger, Ranger21, SlowWeights, adam_denominator,
+                    adaptive_clip_grad_, build_optimizer, centralize_gradient_, clip_global_norm_, make_batch,
+                    normalize_gradient_, relative_bucket, two_stream_mask)
 
 torch.set_num_threads(2)
 
@@ -653,6 +662,499 @@ def test_shakespeare_offline_is_a_one_line_data_error(tmp_path, monkeypatch):
     (tmp_path / "tinyshakespeare.txt").write_text("First Citizen:\nBefore we proceed.\n\nAll:\nSpeak, speak.\n")
     expected = ["First Citizen:\nBefore we proceed.\n\nAll:\nSpeak, speak."]
     assert data.load_documents("shakespeare", cache_dir=tmp_path) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train.py: end to end, checkpoints, resume, user errors
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def toy_corpus(path, n_docs=12, seed=0):
+    """Small pseudo-English with real structure (a subject-verb-object grammar), written as a directory of .txt files."""
+    rng = random.Random(seed)
+    nouns = "cat dog bird fish horse king queen child farmer sailor river tree house ship garden".split()
+    verbs = "sees finds likes follows paints feeds carries watches builds hears".split()
+    adjs = "old young red green small large quiet happy dark bright".split()
+    os.makedirs(path, exist_ok=True)
+    for d in range(n_docs):
+        sents = []
+        for _ in range(120):
+            a, b = rng.choice(nouns), rng.choice(nouns)
+            sents.append(f"The {rng.choice(adjs)} {a} {rng.choice(verbs)} the {rng.choice(adjs)} {b}.")
+        with open(os.path.join(path, f"doc{d:02d}.txt"), "w") as f:
+            f.write(" ".join(sents) + "\n")
+    return str(path)
+
+
+TINY_ARGS = ["--preset", "tiny", "--n-layer", "2", "--d-model", "64", "--n-head", "2", "--d-ff", "128", "--vocab", "320",
+             "--batch-size", "8", "--seq-len", "32", "--eval-batches", "2", "--samples", "1", "--log-every", "1",
+             "--warmup-steps", "5", "--lr", "3e-3"]
+
+
+def run_train(tmp_path, *extra, out="out"):
+    argv = ["--data", toy_corpus(tmp_path / "corpus"), "--out-dir", str(tmp_path / out), *TINY_ARGS, *extra]
+    assert train.main(argv) == 0
+    return tmp_path / out
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+def test_train_end_to_end_loss_falls_and_checkpoint_roundtrips(tmp_path, capsys):
+    out = run_train(tmp_path, "--max-steps", "60", "--eval-every", "30")
+    rows = read_log(out)
+    train_rows = [r for r in rows if "val_loss" not in r]
+    evals = [r for r in rows if "val_loss" in r]
+    assert len(train_rows) == 60 and [r["step"] for r in evals] == [30, 60]
+    first, last = sum(r["loss"] for r in train_rows[:5]) / 5, sum(r["loss"] for r in train_rows[-5:]) / 5
+    assert last < first - 1.0, (first, last)
+    assert evals[1]["val_loss"] < evals[0]["val_loss"]
+    printed = capsys.readouterr().out
+    assert "summary | mpnet" in printed and "fill-in samples" in printed
+    # the checkpoint loads safely and rebuilds the same model
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 60 and not any(k.startswith("_orig_mod") for k in ckpt["model"])
+    model = MPNext(MPNextConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    tok = data.Tokenizer.load(out / "tokenizer.json")
+    assert model.cfg.vocab_size == tok.vocab_size and model.cfg.mask_id == tok.mask_id
+
+
+@pytest.mark.parametrize("opt", ["adamw", "ranger21"])
+def test_resume_equals_uninterrupted_run(tmp_path, opt):
+    straight = run_train(tmp_path, "--max-steps", "8", "--eval-every", "4", "--optimizer", opt, out="a")
+    run_train(tmp_path, "--max-steps", "4", "--schedule-steps", "8", "--eval-every", "4", "--optimizer", opt, out="b")
+    resumed = run_train(tmp_path, "--max-steps", "8", "--resume", out="b")
+    a = torch.load(straight / "ckpt.pt", weights_only=True)
+    b = torch.load(resumed / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k  # bitwise on CPU
+    assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(resumed)]
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_user_errors_are_one_line(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait, na\xefve".encode("latin-1") * 50)
+    (tmp_path / "short.txt").write_text("just a few words of text here\n\nand a second paragraph")
+    cases = [(["--data", "missing.txt"], "missing.txt"), (["--data", "empty.txt"], "empty.txt"),
+             (["--data", "latin1.txt"], "UTF-8"), (["--data", "short.txt", "--vocab", "300"], "shorter than one block"),
+             (["--preset", "enormous"], "unknown preset"), (["--resume", "--out-dir", "nowhere"], "ckpt.pt")]
+    for args, needle in cases:
+        r = cli(*args, cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+        assert needle in r.stderr, (args, r.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# optimizers
+
+torch.set_num_threads(2)
+SHAPES = [(4, 3), (3,), (2, 3, 2, 2), (5,)]
+
+
+def make_params(dtype):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in SHAPES]
+
+
+def make_groups(params):
+    # several groups with different lr / weight decay; the last one uses the constructor defaults
+    return [{'params': [params[0]], 'lr': 1e-2, 'weight_decay': 0.1},
+            {'params': [params[1], params[2]], 'lr': 3e-3, 'weight_decay': 0.0},
+            {'params': [params[3]]}]
+
+
+def run_noisy_quadratic(params, opt, steps, seed=1):
+    """Deterministic noisy quadratic: grad = a * (theta - c) + noise, noise drawn in float64 then cast."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for i, p in enumerate(params):
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+            p.grad = (i + 1) * (p.detach() - 0.5) + noise
+        opt.step()
+    return params
+
+
+def max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def compare_with_torch(ours, theirs, steps=300):
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-6)):
+        p1, p2 = make_params(dtype), make_params(dtype)
+        run_noisy_quadratic(p1, ours(make_groups(p1)), steps)
+        run_noisy_quadratic(p2, theirs(make_groups(p2)), steps)
+        assert max_diff(p1, p2) < tol, (dtype, max_diff(p1, p2))
+
+
+def test_adamw_matches_torch():
+    compare_with_torch(lambda g: AdamW(g, lr=2e-3, weight_decay=0.05),
+                       lambda g: torch.optim.AdamW(g, lr=2e-3, weight_decay=0.05, foreach=False))
+
+
+def test_radam_matches_torch_both_weight_decay_modes():
+    for decoupled in (False, True):
+        compare_with_torch(lambda g, d=decoupled: RAdam(g, lr=2e-3, weight_decay=0.05, decoupled_weight_decay=d),
+                           lambda g, d=decoupled: torch.optim.RAdam(g, lr=2e-3, weight_decay=0.05, foreach=False,
+                                                                    decoupled_weight_decay=d))
+
+
+def test_ranger21_all_off_equals_torch_adamw():
+    off = dict(use_warmup=False, warmdown_active=False, lookahead_active=False, stable_weight_decay=False,
+               normloss_active=False, pnm=False, amsgrad=False, softplus=False, gc=False, norm_gc=False, agc=False)
+    compare_with_torch(lambda g: Ranger21(g, lr=2e-3, weight_decay=0.05, **off),
+                       lambda g: torch.optim.AdamW(g, lr=2e-3, weight_decay=0.05, foreach=False))
+
+
+def test_adam_closed_forms():
+    # step 1: delta = -lr * g / (|g| + eps); zero grads: theta_t = theta_0 * (1 - lr*lam)^t
+    p = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    g = torch.tensor([0.5, -1e-3, 4.0], dtype=torch.float64)
+    opt = AdamW([p], lr=0.1, eps=1e-8, weight_decay=0.0)
+    p.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+                               - 0.1 * g / (g.abs() + 1e-8), rtol=0, atol=1e-15)
+    q = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    opt = AdamW([q], lr=0.1, weight_decay=0.2)
+    for _ in range(7):
+        q.grad = torch.zeros_like(q)
+        opt.step()
+    torch.testing.assert_close(q.detach(), torch.full((3,), 0.98 ** 7, dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+def test_radam_constant_gradient_trajectory():
+    # constant g: m_hat = g exactly, so t <= 5 moves lr*g (SGD branch); t = 6 moves lr*r_6*g/(|g| + eps/sqrt(bc2))
+    lr, eps, b2 = 0.01, 1e-8, 0.999
+    g = torch.tensor([0.3, -2.0], dtype=torch.float64)
+    p = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = RAdam([p], lr=lr, eps=eps)
+    for t in range(1, 7):
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        if t <= 5:
+            torch.testing.assert_close(p.detach() - before, -lr * g, rtol=1e-12, atol=0)
+    rho_inf = 2 / (1 - b2) - 1
+    rho = rho_inf - 2 * 6 * b2 ** 6 / (1 - b2 ** 6)
+    r6 = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+    expected = -lr * r6 * g / (g.abs() + eps / math.sqrt(1 - b2 ** 6))
+    torch.testing.assert_close(p.detach() - before, expected, rtol=1e-12, atol=0)
+
+
+def test_radam_no_update_while_not_rectified():
+    p = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    start = p.detach().clone()
+    opt = RAdam([p], lr=0.1, weight_decay=0.5, decoupled_weight_decay=True, degenerated_to_sgd=False)
+    for t in range(1, 7):
+        p.grad = torch.randn(4, 3, dtype=torch.float64)
+        opt.step()
+        assert torch.equal(p.detach(), start) == (t <= 5), t
+    assert opt.state[p]['step'] == 6 and opt.state[p]['exp_avg'].abs().sum() > 0  # moments still accumulate
+
+
+def test_lookahead_closed_form_sgd_quadratic():
+    # f = x^2/2, SGD(lr): x <- (1-lr) x; after each k-step cycle x <- 1 - alpha + alpha (1-lr)^k times the slow weight
+    for lr, k, alpha in ((0.5, 5, 0.5), (0.1, 3, 0.8)):
+        x = torch.ones(1, dtype=torch.float64, requires_grad=True)
+        la = Lookahead(torch.optim.SGD([x], lr=lr), k=k, alpha=alpha)
+        for n in range(1, 4):
+            for i in range(k):
+                x.grad = x.detach().clone()
+                la.step()
+                if i == k - 2:  # mid-cycle: fast weights moved, slow weights did not
+                    assert la.state[x]['slow_param'].item() == (1 - alpha + alpha * (1 - lr) ** k) ** (n - 1)
+            expected = (1 - alpha + alpha * (1 - lr) ** k) ** n
+            if lr == 0.5:  # dyadic numbers: every operation is exact
+                assert x.item() == expected and la.state[x]['slow_param'].item() == expected
+            else:
+                assert abs(x.item() - expected) < 1e-14
+
+
+def test_lookahead_alpha_one_is_inner_optimizer():
+    p1, p2 = make_params(torch.float64), make_params(torch.float64)
+    run_noisy_quadratic(p1, Lookahead(AdamW(make_groups(p1), lr=1e-2), k=3, alpha=1.0), 20)
+    run_noisy_quadratic(p2, AdamW(make_groups(p2), lr=1e-2), 20)
+    assert max_diff(p1, p2) == 0.0
+
+
+def test_lookahead_slow_weights_context_and_scheduler():
+    p = torch.zeros(3, requires_grad=True)
+    la = Lookahead(AdamW([p], lr=0.1, weight_decay=0.0), k=5)
+    sched = torch.optim.lr_scheduler.LambdaLR(la, lambda s: 0.5 ** s)
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        la.step()
+        sched.step()
+    assert la.optimizer.param_groups[0]['lr'] == 0.1 * 0.5 ** 3  # the scheduler reaches the inner optimizer
+    fast = p.detach().clone()
+    with la.slow_weights():
+        assert torch.equal(p.detach(), torch.zeros(3))            # phi = theta_0 until the first sync
+    assert torch.equal(p.detach(), fast)
+    assert la.param_groups[0]['la_step'] == 3
+
+
+def test_lookahead_with_grad_scaler():
+    # GradScaler.step unscales first, so AGC/GC see true gradients; it reaches the inner optimizer through the wrapper
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = build_optimizer(model, 'adamw', 1e-2, 0.1, lookahead=True)
+    scaler = torch.amp.GradScaler('cpu', init_scale=1024.0)
+    before = model.weight.detach().clone()
+    for _ in range(6):
+        opt.zero_grad()
+        scaler.scale(model(torch.randn(4, 3)).pow(2).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert opt.param_groups[0]['la_step'] == 6 and not torch.equal(model.weight.detach(), before)
+
+
+def test_gradient_centralization():
+    g = torch.Generator().manual_seed(0)
+    for shape in ((6, 5), (4, 3, 3, 3), (3, 4, 5)):
+        x = torch.randn(shape, generator=g)
+        y = centralize_gradient_(x.clone())
+        assert y.mean(dim=tuple(range(1, y.dim()))).abs().max() < 1e-6   # every row has zero mean
+        torch.testing.assert_close(centralize_gradient_(y.clone()), y, rtol=0, atol=1e-6)  # idempotent
+    b = torch.randn(7, generator=g)
+    assert torch.equal(centralize_gradient_(b.clone()), b)                # 1-D (bias, LayerNorm) untouched
+    w2, w4 = torch.randn(6, 5, generator=g), torch.randn(4, 3, 3, 3, generator=g)
+    assert torch.equal(centralize_gradient_(w2.clone(), conv_only=True), w2)   # GCC: Linear weights untouched
+    assert torch.equal(centralize_gradient_(b.clone(), conv_only=True), b)
+    assert not torch.equal(centralize_gradient_(w4.clone(), conv_only=True), w4)  # conv kernels centralized
+
+
+def test_normalized_gradient():
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0)) * 7
+    std = x.std()
+    torch.testing.assert_close(normalize_gradient_(x.clone()).std(), std / (std + 1e-8), rtol=1e-6, atol=0)
+    small = torch.tensor([3.0, -1.0])
+    assert torch.equal(normalize_gradient_(small.clone()), small)
+
+
+def test_adaptive_gradient_clipping():
+    lam, eps = 0.01, 1e-3
+    w = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0], [0.6, 0.8]], requires_grad=True)  # row norms 5, 0, 1, 1
+    g = torch.tensor([[10.0, 0.0], [0.0, 1.0], [0.003, 0.004], [-2.0, 1.0]])               # ratios 2, 1e3, 5e-3, >
+    w.grad = g.clone()
+    adaptive_clip_grad_(w, lam, eps)
+    norms = w.grad.norm(dim=1)
+    torch.testing.assert_close(norms[[0, 1, 3]], torch.tensor([lam * 5, lam * eps, lam * 1]), rtol=1e-6, atol=0)
+    assert torch.equal(w.grad[2], g[2])                                       # ratio 5e-3 < lambda: untouched
+    torch.testing.assert_close(w.grad[0] / norms[0], g[0] / g[0].norm())      # direction kept
+    # inside an optimizer: every group is clipped except the one flagged agc_exempt (the output layer)
+    torch.manual_seed(0)
+    body, head = nn.Linear(4, 4), nn.Linear(4, 2)
+    (head(body(torch.randn(8, 4))) ** 2).sum().mul(100).backward()
+    head_grads, body_grad = [p.grad.clone() for p in head.parameters()], body.weight.grad.clone()
+    body_w = body.weight.detach().clone()
+    opt = AdamW([{'params': body.parameters()}, {'params': head.parameters(), 'agc_exempt': True}], agc=True)
+    opt.step()
+    assert all(torch.equal(p.grad, h) for p, h in zip(head.parameters(), head_grads))
+    ratio = body.weight.grad.norm(dim=1) / body_w.norm(dim=1).clamp(min=eps)
+    assert not torch.equal(body.weight.grad, body_grad) and ratio.max() < lam * 1.001
+
+
+def test_clip_global_norm_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    for norm_type in (2.0, float('inf')):
+        for max_norm in (0.5, 1e3):
+            a = [torch.randn(s, generator=g).requires_grad_() for s in SHAPES]
+            for p in a:
+                p.grad = torch.randn(p.shape, generator=g)
+            b = [p.detach().clone().requires_grad_() for p in a]
+            for p, q in zip(a, b):
+                q.grad = p.grad.clone()
+            ours = clip_global_norm_(a, max_norm, norm_type)
+            theirs = torch.nn.utils.clip_grad_norm_(b, max_norm, norm_type)
+            torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+            for p, q in zip(a, b):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_ranger21_schedule_multipliers():
+    p = torch.zeros(2, requires_grad=True)
+    opt = Ranger21([p], lr=1e-3, num_iterations=10000)
+    group = opt.param_groups[0]
+    assert group['num_warmup_iterations'] == 2000                          # ceil(2 / (1 - 0.999))
+    lr = opt.scheduled_lr
+    start = 7200                                                            # int(0.72 * 10000)
+    expected = {1: 1e-3 / 2000, 1000: 0.5e-3, 2000: 1e-3, 7199: 1e-3,
+                7201: 1e-3 - (1e-3 - 3e-5) * (7202 - start) / (10000 - start + 1),
+                8600: 1e-3 - (1e-3 - 3e-5) * (8601 - start) / 2801, 10000: 3e-5, 12000: 3e-5}
+    for t, want in expected.items():
+        assert abs(lr(group, t) - want) < 1e-15, (t, lr(group, t), want)
+    assert abs(lr(group, 7201) - 9.993e-4) < 1e-7 and abs(lr(group, 8600) - 5.148e-4) < 1e-7
+    short = Ranger21([p], lr=1e-3, num_iterations=1000).param_groups[0]     # 2000 > 45% of 1000: use 22%
+    assert short['num_warmup_iterations'] == 220
+
+
+def test_ranger21_warmup_drives_the_first_step():
+    p = torch.tensor([1.0, -1.0], dtype=torch.float64, requires_grad=True)
+    opt = Ranger21([p], lr=1e-2, num_iterations=100, betas=(0.9, 0.98), weight_decay=0.0, warmdown_active=False,
+                   lookahead_active=False, pnm=False, amsgrad=False, softplus=False, gc=False, norm_gc=False,
+                   agc=False)
+    p.grad = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    opt.step()
+    w = opt.param_groups[0]['num_warmup_iterations']                        # ceil(2/0.02) = 100 > 45: 22
+    assert w == 22
+    expected = torch.tensor([1.0, -1.0], dtype=torch.float64) - 1e-2 / w * p.grad / (p.grad.abs() + 1e-8)
+    torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-15)
+
+
+def test_ranger21_fixed_bugs():
+    # weight decay reaches EVERY tensor of the group (zero grads, plain decoupled decay: theta_0 (1 - lr lam)^t)
+    params = make_params(torch.float64)
+    start = [p.detach().clone() for p in params]
+    opt = Ranger21(params, lr=0.1, weight_decay=0.5, use_warmup=False, warmdown_active=False, lookahead_active=False,
+                   stable_weight_decay=False, normloss_active=False, gc=False, norm_gc=False, agc=False)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    for p, s in zip(params, start):
+        torch.testing.assert_close(p.detach(), s * 0.95 ** 3, rtol=1e-14, atol=0)
+    # the PNM factor is used, and AMSGrad keeps a real running max
+    finals = []
+    for beta0 in (1.0, 0.3):
+        params = make_params(torch.float64)
+        opt = Ranger21(params, lr=1e-2, num_iterations=50, pnm_momentum_factor=beta0)
+        run_noisy_quadratic(params, opt, 10)
+        finals.append(params)
+        st = opt.state[params[0]]
+        assert (st['max_exp_avg_sq'] >= st['exp_avg_sq']).all() and st['max_exp_avg_sq'].sum() > 0
+    assert max_diff(*finals) > 1e-6
+
+
+def test_softplus_denominator():
+    d = adam_denominator(torch.tensor([0.0, 0.01, 1.0]), bc2=1.0, eps=0.0, softplus_beta=50.0)
+    torch.testing.assert_close(d, torch.tensor([math.log(2) / 50, 0.1 + math.log1p(math.exp(-5)) / 50, 1.0]))
+
+
+class Tiny(nn.Module):
+    def __init__(self, vocab=11, d=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.body = nn.Sequential(nn.Linear(d, 16), nn.GELU(), nn.Linear(16, d))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+        self.head.weight = self.emb.weight  # tied
+
+    def forward(self, idx):
+        return self.head(self.ln(self.body(self.emb(idx))))
+
+
+def test_build_optimizer_param_groups():
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = build_optimizer(model, 'adamw', lr=1e-3, weight_decay=0.1, output_layer_names=('head',))
+    by_param = build_optimizer(model, 'adamw', 1e-3, 0.1, output_layer_names=('emb', 'head.bias'))  # param names too
+    assert [(len(g['params']), g['agc_exempt']) for g in by_param.param_groups] == [(2, False), (4, False), (2, True)]
+    ids = lambda ps: {id(p) for p in ps}
+    by_key = {(g['weight_decay'] > 0, g['agc_exempt']): ids(g['params']) for g in opt.param_groups}
+    m = model
+    assert by_key[(True, False)] == ids([m.body[0].weight, m.body[2].weight])
+    assert by_key[(False, False)] == ids([m.body[0].bias, m.body[2].bias, m.ln.weight, m.ln.bias])
+    assert by_key[(False, True)] == ids([m.emb.weight, m.head.bias])   # tied head/embedding weight: no decay
+    assert sum(len(g['params']) for g in opt.param_groups) == len(list(model.parameters()))
+    assert [g['weight_decay'] for g in opt.param_groups] == [0.1, 0.0, 0.0]
+    assert type(opt) is AdamW and not opt.param_groups[0]['gc']
+    la = build_optimizer(model, 'radam', 1e-3, 0.1, lookahead=True, gc=True)
+    assert type(la) is Lookahead and type(la.optimizer) is RAdam and la.param_groups[0]['gc']
+    assert not la.param_groups[-1]['gc']                                 # never centralize embeddings
+    assert type(build_optimizer(model, 'ranger', 1e-3, 0.1, lookahead=True).optimizer) is RAdam  # not double wrapped
+    r21 = build_optimizer(model, 'ranger21', 1e-3, 0.1, lookahead=True, num_iterations=100)
+    assert type(r21) is Ranger21 and r21.param_groups[0]['num_warmup_iterations'] == 22  # ceil(2/0.02) > 45
+    for bad in (dict(name='sgd'), dict(name='adamw', output_layer_names=('nope',)), dict(name='ranger21')):
+        try:
+            build_optimizer(model, lr=1e-3, weight_decay=0.1, **bad)
+        except ValueError:
+            continue
+        raise AssertionError(bad)
+
+
+OPTIMIZERS = {
+    'adamw': lambda m: build_optimizer(m, 'adamw', 1e-2, 0.1, gc=True),
+    'radam': lambda m: build_optimizer(m, 'radam', 1e-2, 0.1),
+    'ranger': lambda m: build_optimizer(m, 'ranger', 1e-2, 0.1),
+    'ranger21': lambda m: build_optimizer(m, 'ranger21', 1e-2, 0.1, num_iterations=13, output_layer_names=('head',)),
+    'lookahead(adamw)': lambda m: Lookahead(AdamW(m.parameters(), lr=1e-2), k=5),
+    'ranger(+agc)': lambda m: Ranger(m.parameters(), lr=1e-2, weight_decay=0.01, agc=True),
+    'lookahead(torch adamw)': lambda m: Lookahead(torch.optim.AdamW(m.parameters(), lr=1e-2), k=5),
+}
+
+
+def train_steps(model, opt, batches):
+    for idx in batches:
+        opt.zero_grad()
+        logits = model(idx)
+        nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), idx.roll(1, 1).view(-1)).backward()
+        opt.step()
+
+
+def test_save_load_continue_is_bitwise_identical():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 11, (4, 6), generator=g) for _ in range(13)]
+    for name, make in OPTIMIZERS.items():
+        torch.manual_seed(0)
+        model = Tiny()
+        reference = copy.deepcopy(model)
+        train_steps(reference, make(reference), batches)           # uninterrupted: 13 steps
+        opt = make(model)
+        train_steps(model, opt, batches[:7])                       # stop at step 7 (mid lookahead cycle)
+        buf = io.BytesIO()
+        torch.save({'model': model.state_dict(), 'opt': opt.state_dict()}, buf)
+        buf.seek(0)
+        ckpt = torch.load(buf, weights_only=True)
+        torch.manual_seed(1)
+        fresh = Tiny()                                             # a fresh model and a fresh optimizer
+        fresh.load_state_dict(ckpt['model'])
+        fresh_opt = make(fresh)
+        fresh_opt.load_state_dict(ckpt['opt'])
+        train_steps(fresh, fresh_opt, batches[7:])
+        for (n, a), b in zip(reference.named_parameters(), fresh.parameters()):
+            assert torch.equal(a, b), (name, n)
+        if isinstance(fresh_opt, Lookahead):
+            assert fresh_opt.param_groups[0]['la_step'] == 13
+            clone = copy.deepcopy(fresh_opt)  # deepcopy / pickle keep the wrapper intact
+            assert clone.param_groups[0]['la_step'] == 13 and len(clone.state) == len(fresh_opt.state)
+
+
+def test_every_optimizer_decreases_loss():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 11, (8, 6), generator=g) for _ in range(4)] * 30
+    for name, make in OPTIMIZERS.items():
+        if name == 'ranger21':
+            make = lambda m: build_optimizer(m, 'ranger21', 3e-2, 0.01, num_iterations=len(batches))
+        torch.manual_seed(0)
+        model = Tiny()
+        def loss():
+            return sum(nn.functional.cross_entropy(model(i).view(-1, 11), i.roll(1, 1).view(-1)).item()
+                       for i in batches[:4])
+        before = loss()
+        train_steps(model, make(model), batches)
+        after = loss()
+        assert math.isfinite(after) and after < 0.7 * before, (name, before, after)
+
+
+def test_slow_weights_on_ranger21():
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = Ranger21(model.parameters(), lr=1e-2, num_iterations=20)
+    train_steps(model, opt, [torch.randint(0, 11, (4, 6)) for _ in range(3)])
+    fast = [p.detach().clone() for p in model.parameters()]
+    with SlowWeights(opt):
+        assert all(torch.equal(p, opt.state[p]['slow_param']) for p in model.parameters())
+    assert all(torch.equal(p, f) for p, f in zip(model.parameters(), fast))
 
 
 if __name__ == "__main__":

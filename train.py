@@ -1,0 +1,330 @@
+"""
+Pre-train MPNext on your own text, on CPU or GPU.
+
+    python train.py                                    # offline default: ~5 min on 2 CPU cores, stdlib docstrings
+    python train.py --data my_text.txt --max-steps 5000 --preset small --device cuda
+    python train.py --data shakespeare --objective mlm # the paper's ablations: mpnet | plm | mlm
+    python train.py --out-dir out --max-steps 2000 --resume   # continue a run exactly where it stopped
+    python train.py --help                             # every flag, with its default
+
+Every field of MPNextConfig (model + objective) and of TrainConfig below is a flag; --preset picks the model size.
+Writes DIR/log.jsonl, DIR/ckpt.pt (atomic) and DIR/tokenizer.json.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import data
+import mpnext
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # a .txt file, a directory of .txt files, "shakespeare", or "" for the offline stdlib-docstring corpus
+    out_dir: str = "out"  # where log.jsonl, ckpt.pt and tokenizer.json go
+    preset: str = "tiny"  # model size: tiny | small | medium | base (flags below override single fields)
+    vocab: int = 4096  # BPE vocabulary to train on the corpus (ignored with --resume)
+    max_steps: int = 1000  # optimizer steps to run (a resumed run continues up to this)
+    schedule_steps: int = 0  # length of the learning-rate plan; 0 = max_steps (set it to stop early and resume)
+    batch_size: int = 32  # sequences per optimizer step (split over grad_accum micro-batches)
+    grad_accum: int = 1  # micro-batches per step
+    seq_len: int = 128  # tokens per sequence (N)
+    lr: float = 2e-3  # peak learning rate
+    warmup_steps: int = 100  # linear warmup
+    decay: str = "linear"  # after warmup: linear (MPNet) or cosine, to min_lr_ratio * lr
+    min_lr_ratio: float = 0.0
+    optimizer: str = "adamw"  # adamw | radam | ranger | ranger21
+    lookahead: bool = False  # wrap the optimizer in Lookahead (k=5, alpha=0.5)
+    gc: bool = False  # gradient centralization on every optimizer
+    weight_decay: float = 0.01  # decoupled; never on biases, LayerNorms and embeddings
+    beta1: float = 0.9
+    beta2: float = 0.98  # MPNet / RoBERTa
+    eps: float = 1e-6
+    grad_clip: float = 1.0  # global gradient-norm clipping; 0 = off
+    eval_every: int = 250  # steps between evaluations (and checkpoints)
+    eval_batches: int = 20  # validation batches per evaluation
+    log_every: int = 10  # steps between log.jsonl rows
+    samples: int = 3  # fill-in-the-blank samples printed at each evaluation
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; fp32 on CPU/MPS) | float32 | bfloat16 | float16
+    compile: bool = False  # torch.compile the loss (GPU speed knob; costs seconds to minutes at start)
+    resume: bool = False  # continue from out_dir/ckpt.pt
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# command line: every dataclass field becomes a flag
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model_fields = {f.name for f in dataclasses.fields(mpnext.MPNextConfig)}
+    for cls in (TrainConfig, mpnext.MPNextConfig):
+        group = p.add_argument_group(cls.__name__)
+        for f in dataclasses.fields(cls):
+            if cls is TrainConfig and f.name in model_fields or f.type == "tuple" or f.type is tuple:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            kind = {"int": int, "float": float, "str": str, "bool": bool}.get(getattr(f.type, "__name__", f.type))
+            help_ = "(preset value)" if cls is mpnext.MPNextConfig else ""
+            if kind is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                   help=f"default {f.default} {help_}")
+            else:
+                group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"default {f.default} {help_}")
+    given = vars(p.parse_args(argv))  # only what the user typed (SUPPRESS hides the rest)
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return ({k: v for k, v in given.items() if k in train_names},
+            {k: v for k, v in given.items() if k not in train_names})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# system: device, precision
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible to PyTorch; use --device auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: this PyTorch build has no Apple MPS support; use --device auto or cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: use auto, cpu, cuda or mps")
+    return name
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        if device != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def lr_now(optimizer, step):
+    group = optimizer.param_groups[0]
+    return optimizer.scheduled_lr(group, step) if isinstance(optimizer, mpnext.Ranger21) else group["lr"]
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# evaluation and samples
+
+
+@torch.no_grad()
+def evaluate(model, batches, cfg, tc, device, autocast):
+    """Validation loss / accuracy on the first eval_batches blocks, with a fixed masking seed so numbers are
+    comparable across evaluations. Also the plain MLM loss (natural order, BERT's context), comparable across
+    objectives: a PLM- or MPNet-trained model is scored on the same predictions as an MLM one."""
+    model.eval()
+    g = torch.Generator().manual_seed(1234)
+    sums, n = {}, 0
+    for ids, starts in batches.iterate():
+        if n == tc.eval_batches:
+            break
+        for name, obj in (("val", None), ("val_mlm", "mlm")):
+            state = g.get_state()  # the same predicted tokens for both scores
+            batch = mpnext.make_batch(ids, cfg, g, starts, objective=obj)
+            if name == "val":
+                g.set_state(state)
+            with autocast:
+                _, m = model.loss({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+            sums[f"{name}_loss"] = sums.get(f"{name}_loss", 0.0) + m["loss"].item()
+            sums[f"{name}_acc"] = sums.get(f"{name}_acc", 0.0) + m["acc"].item()
+        n += 1
+    model.train()
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def fill_in_samples(model, tok, batches, cfg, device, n_samples, width=48):
+    """Hide ~15% of the words of a few validation snippets and let the model fill them in (natural order)."""
+    model.eval()
+    lines = []
+    for i, (ids, starts) in enumerate(batches.iterate()):
+        if i == n_samples:
+            break
+        ids, starts = ids[:1, :width], starts[:1, :width]
+        wcfg = dataclasses.replace(cfg, whole_word=True, mask_prob=1.0, random_prob=0.0)
+        batch = mpnext.make_batch(ids, wcfg, torch.Generator().manual_seed(i), starts, objective="mlm")
+        pred = model(batch["input_ids"].to(device)).argmax(-1).cpu()[0]
+        hidden = set(batch["pred_positions"][0].tolist())
+        shown = [f"[{tok.decode([int(pred[j])])}|{tok.decode([int(ids[0, j])])}]" if j in hidden
+                 else tok.decode([int(ids[0, j])]) for j in range(1, ids.shape[1])]
+        lines.append("  " + "".join(shown).replace("\n", " ").strip())
+    model.train()
+    return "fill-in samples, [prediction|truth]:\n" + "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def setup(argv=None):
+    """Everything that can fail because of user input happens here, before any training."""
+    train_args, model_args = parse_args(argv)
+    out_dir = train_args.get("out_dir", TrainConfig.out_dir)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = None
+    if train_args.get("resume"):
+        if not os.path.exists(ckpt_path):
+            raise ValueError(f"--resume: {ckpt_path} does not exist; run without --resume first")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        tc = dataclasses.replace(TrainConfig(**ckpt["train_config"]), **train_args)  # typed flags win
+        cfg = mpnext.MPNextConfig(**ckpt["model_config"])
+        changed = sorted(k for k, v in model_args.items() if getattr(cfg, k) != v)
+        if changed:  # the same command line plus --resume is fine; a different model is not
+            raise ValueError(f"--resume keeps the model/objective of the checkpoint; drop or fix {changed}")
+        tok = data.Tokenizer.load(os.path.join(out_dir, "tokenizer.json"))
+    else:
+        tc = TrainConfig(**train_args)
+        tok = None
+        preset = mpnext.MPNextConfig.from_preset(tc.preset)  # fail fast, before any data work
+    device = pick_device(tc.device)
+    docs = data.load_documents(tc.data or None)
+    train_docs, val_docs = data.split_documents(docs, seed=tc.seed)
+    os.makedirs(out_dir, exist_ok=True)
+    if tok is None:
+        print(f"training a {tc.vocab}-token BPE on {sum(map(len, train_docs)) / 1e6:.1f} MB ...", flush=True)
+        tok = data.Tokenizer.train(train_docs, vocab_size=tc.vocab)
+        tok.save(os.path.join(out_dir, "tokenizer.json"))
+        overrides = dict(vocab_size=tok.vocab_size, pad_id=tok.pad_id, mask_id=tok.mask_id,
+                         special_ids=tuple(range(tok.n_special)), max_len=max(preset.max_len, tc.seq_len))
+        cfg = dataclasses.replace(preset, **{**overrides, **model_args})
+    if tc.seq_len > cfg.max_len:
+        raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_len {cfg.max_len}")
+    if tc.batch_size % tc.grad_accum:
+        raise ValueError(f"--batch-size {tc.batch_size} must be a multiple of --grad-accum {tc.grad_accum}")
+    streams = [data.encode_documents(d, tok, os.path.join(out_dir, f"{name}.npy"))
+               for name, d in (("train", train_docs), ("val", val_docs))]
+    train_b = data.Batches(streams[0], tok, tc.seq_len, tc.batch_size // tc.grad_accum, "train")
+    val_b = data.Batches(streams[1], tok, tc.seq_len, tc.batch_size, "validation")
+    make_optimizer(mpnext.MPNext(cfg), tc)  # config errors (unknown activation, optimizer, ...) surface here
+    return tc, cfg, tok, device, train_b, val_b, ckpt
+
+
+def make_optimizer(model, tc):
+    return mpnext.build_optimizer(model, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay,
+                                  betas=(tc.beta1, tc.beta2), eps=tc.eps, lookahead=tc.lookahead, gc=tc.gc,
+                                  num_iterations=tc.schedule_steps or tc.max_steps,
+                                  output_layer_names=("tok_emb", "head_bias"))  # the tied output layer: no AGC
+
+
+def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
+    torch.manual_seed(tc.seed)
+    model = mpnext.MPNext(cfg).to(device)
+    schedule_steps = tc.schedule_steps or tc.max_steps
+    optimizer = make_optimizer(model, tc)
+    dtype = pick_dtype(tc.dtype, device)
+    autocast = torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+    gen = torch.Generator().manual_seed(tc.seed)  # every batch and mask draw comes from here
+    step, best = 0, math.inf
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
+        step, best = ckpt["step"], ckpt["best_val"]
+        gen.set_state(ckpt["rng"]["batches"])
+        torch.set_rng_state(ckpt["rng"]["torch"])  # dropout
+        if device == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    loss_fn = torch.compile(model.loss) if tc.compile else model.loss
+    log = open(os.path.join(tc.out_dir, "log.jsonl"), "a")
+    n_params = model.num_params()
+    print(f"MPNext {cfg.objective} | {n_params / 1e6:.2f}M params | {device} {str(dtype).split('.')[-1]} | "
+          f"{len(train_b.stream) / 1e6:.2f}M train tokens | steps {step}->{tc.max_steps}", flush=True)
+
+    def checkpoint():
+        rng = {"batches": gen.get_state(), "torch": torch.get_rng_state()}
+        if device == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "model_config": dataclasses.asdict(cfg), "train_config": dataclasses.asdict(tc), "step": step,
+                     "best_val": best, "rng": rng}, os.path.join(tc.out_dir, "ckpt.pt"))
+
+    t0, tokens, t_last, tok_last = time.time(), 0, time.time(), 0
+    metrics, ev = {}, {}
+    bar = tqdm(total=tc.max_steps, initial=step, dynamic_ncols=True, disable=None)
+    model.train()
+    while step < tc.max_steps:
+        mult = 1.0 if tc.optimizer == "ranger21" else mpnext.lr_multiplier(  # Ranger21 runs its own warmup/warmdown
+            step, tc.warmup_steps, schedule_steps, tc.decay, tc.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = tc.lr * mult
+        for _ in range(tc.grad_accum):
+            ids, starts = train_b.sample(gen)
+            batch = mpnext.make_batch(ids, cfg, gen, starts)
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with autocast:
+                loss, metrics = loss_fn(batch)
+            scaler.scale(loss / tc.grad_accum).backward()
+            tokens += ids.numel()
+        if tc.grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            now = time.time()
+            tok_s = (tokens - tok_last) / max(now - t_last, 1e-9)
+            t_last, tok_last = now, tokens
+            row = {"step": step, "loss": metrics["loss"].item(), "acc": metrics["acc"].item(),
+                   "lr": lr_now(optimizer, step), "tok_s": round(tok_s)}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{tok_s / 1e3:.1f}k")
+        if step % tc.eval_every == 0 or step == tc.max_steps:
+            ev = evaluate(model, val_b, cfg, tc, device, autocast)
+            best = min(best, ev["val_loss"])
+            log.write(json.dumps({"step": step, "loss": metrics["loss"].item(), **ev}) + "\n")
+            log.flush()
+            tqdm.write(f"step {step}: val_loss {ev['val_loss']:.3f} acc {ev['val_acc']:.3f} | "
+                       f"val_mlm_loss {ev['val_mlm_loss']:.3f} acc {ev['val_mlm_acc']:.3f}")
+            if tc.samples:
+                tqdm.write(fill_in_samples(model, tok, val_b, cfg, device, tc.samples))
+            checkpoint()
+    bar.close()
+    log.close()
+    minutes = (time.time() - t0) / 60
+    if ev:
+        print(f"summary | {cfg.objective} | params {n_params / 1e6:.2f}M | {device} | {minutes:.1f} min | "
+              f"{tokens / max(minutes * 60, 1e-9) / 1e3:.1f}k tok/s | val_loss {ev['val_loss']:.3f} | "
+              f"acc {ev['val_acc']:.3f} | val_mlm_loss {ev['val_mlm_loss']:.3f} | mlm_acc {ev['val_mlm_acc']:.3f}")
+    return model, ev
+
+
+def main(argv=None):
+    try:
+        run = setup(argv)
+    except (data.DataError, ValueError) as e:  # user mistakes: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train(*run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
