@@ -14,9 +14,11 @@ Writes DIR/log.jsonl, DIR/ckpt.pt (atomic) and DIR/tokenizer.json.
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -42,20 +44,20 @@ class TrainConfig:
     lr: float = 2e-3  # peak learning rate
     warmup_steps: int = 100  # linear warmup
     decay: str = "linear"  # after warmup: linear (MPNet) or cosine, to min_lr_ratio * lr
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # final learning rate as a fraction of the peak
     optimizer: str = "adamw"  # adamw | radam | ranger | ranger21
     lookahead: bool = False  # wrap the optimizer in Lookahead (k=5, alpha=0.5)
     gc: bool = False  # gradient centralization on every optimizer
     weight_decay: float = 0.01  # decoupled; never on biases, LayerNorms and embeddings
-    beta1: float = 0.9
-    beta2: float = 0.98  # MPNet / RoBERTa
-    eps: float = 1e-6
+    beta1: float = 0.9  # Adam beta1
+    beta2: float = 0.98  # Adam beta2 (MPNet / RoBERTa use 0.98)
+    eps: float = 1e-6  # Adam epsilon (MPNet: 1e-6)
     grad_clip: float = 1.0  # global gradient-norm clipping; 0 = off
     eval_every: int = 250  # steps between evaluations (and checkpoints)
     eval_batches: int = 20  # validation batches per evaluation
     log_every: int = 10  # steps between log.jsonl rows
     samples: int = 3  # fill-in-the-blank samples printed at each evaluation
-    seed: int = 0
+    seed: int = 0  # seeds the model init, every batch and every mask draw
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; fp32 on CPU/MPS) | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the loss (GPU speed knob; costs seconds to minutes at start)
@@ -66,24 +68,33 @@ class TrainConfig:
 # command line: every dataclass field becomes a flag
 
 
+CHOICES = dict(objective=["mpnet", "plm", "mlm"], activation=["gelu", "mish"], decay=["linear", "cosine"],
+               optimizer=["adamw", "radam", "ranger", "ranger21"], device=["auto", "cpu", "cuda", "mps"],
+               dtype=["auto", "float32", "bfloat16", "float16"])
+FROM_TOKENIZER = {"vocab_size", "pad_id", "mask_id", "special_ids"}  # set by the tokenizer, not by flags
+
+
+def field_help(cls):
+    """The comment after each field in the class source is its --help text (one source of truth)."""
+    src = inspect.getsource(cls)
+    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", src, flags=re.M))
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    model_fields = {f.name for f in dataclasses.fields(mpnext.MPNextConfig)}
+    """Returns (train flags, model flags) holding only what the user typed, so --resume can tell them apart."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls in (TrainConfig, mpnext.MPNextConfig):
-        group = p.add_argument_group(cls.__name__)
+        group, helps = p.add_argument_group(f"{cls.__name__} fields"), field_help(cls)
         for f in dataclasses.fields(cls):
-            if cls is TrainConfig and f.name in model_fields or f.type == "tuple" or f.type is tuple:
+            if f.name in FROM_TOKENIZER:
                 continue
-            flag = "--" + f.name.replace("_", "-")
-            kind = {"int": int, "float": float, "str": str, "bool": bool}.get(getattr(f.type, "__name__", f.type))
-            help_ = "(preset value)" if cls is mpnext.MPNextConfig else ""
-            if kind is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                   help=f"default {f.default} {help_}")
+            flag, help_ = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {f.default})"
+            if f.type is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
             else:
-                group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"default {f.default} {help_}")
-    given = vars(p.parse_args(argv))  # only what the user typed (SUPPRESS hides the rest)
+                group.add_argument(flag, type=f.type, default=argparse.SUPPRESS, help=help_,
+                                   choices=CHOICES.get(f.name), metavar=f.name.upper())
+    given = vars(p.parse_args(argv))  # SUPPRESS: only the flags actually typed appear
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
     return ({k: v for k, v in given.items() if k in train_names},
             {k: v for k, v in given.items() if k not in train_names})
