@@ -70,6 +70,18 @@ def test_relative_bucket_closed_form():
     assert b == [0, 16 + 3, 3, 10, 15, 16 + 10, 31]
 
 
+def test_local_bias_init_closed_form():
+    cfg = tiny_cfg(n_head=4)
+    w = MPNext(cfg).rel_bias.weight  # (32 buckets, 4 heads)
+    assert torch.equal(w[0], torch.zeros(4)) and torch.equal(w[16], torch.zeros(4))  # distance 0
+    assert torch.allclose(w[1], torch.tensor([-2.0, -1.0, -0.5, -0.25])) and torch.allclose(w[17], w[1])  # d = 1
+    assert torch.allclose(w[3, 1], torch.tensor(-2.0))  # d = 3: -1 * log2(4)
+    assert torch.allclose(w[8, 0], torch.tensor(-2 * math.log2(9)))  # first log bucket starts at d = 8
+    torch.manual_seed(0)
+    normal = MPNext(tiny_cfg(rel_init="normal")).rel_bias.weight
+    assert abs(normal.std().item() - 0.02) < 0.01
+
+
 def test_relative_bucket_matches_hf():
     pytest.importorskip("transformers")
     from transformers.models.mpnet.modeling_mpnet import MPNetEncoder

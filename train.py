@@ -36,7 +36,7 @@ class TrainConfig:
     out_dir: str = "out"  # where log.jsonl, ckpt.pt and tokenizer.json go
     preset: str = "tiny"  # model size: tiny | small | medium | base (flags below override single fields)
     vocab: int = 4096  # BPE vocabulary to train on the corpus (ignored with --resume)
-    max_steps: int = 1000  # optimizer steps to run (a resumed run continues up to this)
+    max_steps: int = 800  # optimizer steps to run (a resumed run continues up to this)
     schedule_steps: int = 0  # length of the learning-rate plan; 0 = max_steps (set it to stop early and resume)
     batch_size: int = 32  # sequences per optimizer step (split over grad_accum micro-batches)
     grad_accum: int = 1  # micro-batches per step
@@ -53,7 +53,7 @@ class TrainConfig:
     beta2: float = 0.98  # Adam beta2 (MPNet / RoBERTa use 0.98)
     eps: float = 1e-6  # Adam epsilon (MPNet: 1e-6)
     grad_clip: float = 1.0  # global gradient-norm clipping; 0 = off
-    eval_every: int = 250  # steps between evaluations (and checkpoints)
+    eval_every: int = 200  # steps between evaluations (and checkpoints)
     eval_batches: int = 20  # validation batches per evaluation
     log_every: int = 10  # steps between log.jsonl rows
     samples: int = 3  # fill-in-the-blank samples printed at each evaluation
@@ -69,6 +69,7 @@ class TrainConfig:
 
 
 CHOICES = dict(objective=["mpnet", "plm", "mlm"], activation=["gelu", "mish"], decay=["linear", "cosine"],
+               rel_init=["local", "normal"],
                optimizer=["adamw", "radam", "ranger", "ranger21"], device=["auto", "cpu", "cuda", "mps"],
                dtype=["auto", "float32", "bfloat16", "float16"])
 FROM_TOKENIZER = {"vocab_size", "pad_id", "mask_id", "special_ids"}  # set by the tokenizer, not by flags
@@ -225,7 +226,7 @@ def setup(argv=None):
         raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_len {cfg.max_len}")
     if tc.batch_size % tc.grad_accum:
         raise ValueError(f"--batch-size {tc.batch_size} must be a multiple of --grad-accum {tc.grad_accum}")
-    streams = [data.encode_documents(d, tok, os.path.join(out_dir, f"{name}.npy"))
+    streams = [data.encode_documents(d, tok, os.path.join(out_dir, f"{name}_tokens.npz"))
                for name, d in (("train", train_docs), ("val", val_docs))]
     train_b = data.Batches(streams[0], tok, tc.seq_len, tc.batch_size // tc.grad_accum, "train")
     val_b = data.Batches(streams[1], tok, tc.seq_len, tc.batch_size, "validation")
@@ -253,7 +254,8 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
+        if ckpt["scaler"]:  # empty when the run that saved it had no fp16 scaler
+            scaler.load_state_dict(ckpt["scaler"])
         step, best = ckpt["step"], ckpt["best_val"]
         gen.set_state(ckpt["rng"]["batches"])
         torch.set_rng_state(ckpt["rng"]["torch"])  # dropout
