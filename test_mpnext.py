@@ -734,7 +734,7 @@ def test_train_end_to_end_loss_falls_and_checkpoint_roundtrips(tmp_path, capsys)
     assert model.cfg.vocab_size == tok.vocab_size and model.cfg.mask_id == tok.mask_id
 
 
-@pytest.mark.parametrize("opt", ["adamw", "ranger21"])
+@pytest.mark.parametrize("opt", ["adamw", "ranger", "ranger21"])
 def test_resume_equals_uninterrupted_run(tmp_path, opt):
     straight = run_train(tmp_path, "--max-steps", "8", "--eval-every", "4", "--optimizer", opt, out="a")
     run_train(tmp_path, "--max-steps", "4", "--schedule-steps", "8", "--eval-every", "4", "--optimizer", opt, out="b")

@@ -41,7 +41,7 @@ class TrainConfig:
     batch_size: int = 32  # sequences per optimizer step (split over grad_accum micro-batches)
     grad_accum: int = 1  # micro-batches per step
     seq_len: int = 128  # tokens per sequence (N)
-    lr: float = 2e-3  # peak learning rate
+    lr: float = 1.5e-3  # peak learning rate
     warmup_steps: int = 100  # linear warmup
     decay: str = "linear"  # after warmup: linear (MPNet) or cosine, to min_lr_ratio * lr
     min_lr_ratio: float = 0.0  # final learning rate as a fraction of the peak
@@ -125,6 +125,12 @@ def pick_dtype(name, device):
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def slow_weights(optimizer):
+    uses_lookahead = isinstance(optimizer, mpnext.Lookahead) or (
+        isinstance(optimizer, mpnext.Ranger21) and optimizer.defaults["lookahead_active"])
+    return optimizer.slow_weights() if uses_lookahead else contextlib.nullcontext()
 
 
 def lr_now(optimizer, step):
@@ -310,7 +316,8 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
             log.flush()
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{tok_s / 1e3:.1f}k")
         if step % tc.eval_every == 0 or step == tc.max_steps:
-            ev = evaluate(model, val_b, cfg, tc, device, autocast)
+            with slow_weights(optimizer):  # Lookahead: evaluate the slow weights phi (the fast ones come back)
+                ev = evaluate(model, val_b, cfg, tc, device, autocast)
             best = min(best, ev["val_loss"])
             log.write(json.dumps({"step": step, "loss": metrics["loss"].item(), **ev}) + "\n")
             log.flush()
