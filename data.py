@@ -1,5 +1,5 @@
 """
-Data for MPNext: corpora, a byte-level BPE tokenizer, pretraining batches and a small downstream task.
+Data for MPNext: corpora, a byte-level BPE tokenizer and pre-training batches.
 
 Everything here is plain Python + numpy + torch and works offline:
 - corpora: the default corpus is the docstrings of the Python standard library you are running (~1.6 MB of
@@ -7,7 +7,6 @@ Everything here is plain Python + numpy + torch and works offline:
 - tokenizer: byte-level BPE (Sennrich et al. 2016, GPT-2 flavour), trained in a few seconds, lossless.
 - batches: random blocks of the token stream, each row [<s>] + (T-1) tokens, plus per-token
   "starts a word" flags that MPNet-style whole-word masking needs.
-- downstream: the MR sentence-polarity set (Pang & Lee 2005) with seeded k-fold splits.
 
     >>> docs = load_documents(None)                    # stdlib docstrings
     >>> tok = Tokenizer.train(docs, vocab_size=8192)
@@ -415,48 +414,8 @@ class Batches:
         high = len(self.stream) - (self.seq_len - 1) + 1
         return self._rows(torch.randint(0, high, (self.batch_size,), generator=generator))
 
-    def __len__(self):
-        n_blocks = len(self.stream) // (self.seq_len - 1)
-        return -(-n_blocks // self.batch_size)
-
     def iterate(self):
         """Non-overlapping blocks in stream order (for evaluation); the trailing partial block is dropped."""
         starts = torch.arange(len(self.stream) // (self.seq_len - 1)) * (self.seq_len - 1)
         for i in range(0, len(starts), self.batch_size):
             yield self._rows(starts[i:i + self.batch_size])
-
-# -----------------------------------------------------------------------------
-# downstream: MR sentence polarity (Pang & Lee 2005), the small single-sentence task for quick finetuning
-
-# The original files are Latin-1 with a few Windows-1252 quotes/dashes; some copies are UTF-8 but still carry
-# those as C1 control characters (U+0091..U+0097). Map them to what cp1252 meant ("\x96" -> "–").
-_CP1252_FIX = {c: bytes([c]).decode("cp1252") for c in range(0x80, 0xA0) if c not in (0x81, 0x8D, 0x8F, 0x90, 0x9D)}
-
-
-def load_sentence_polarity(path) -> tuple[list[str], list[int]]:
-    """Directory with rt-polarity.pos / rt-polarity.neg (one sentence a line) -> (texts, labels); all positives
-    (label 1) first, then all negatives (0), in file order."""
-    texts, labels = [], []
-    for name, label in (("rt-polarity.pos", 1), ("rt-polarity.neg", 0)):
-        f = Path(path) / name
-        if not f.is_file():
-            raise DataError(f"{f}: missing; pass the directory holding rt-polarity.pos and rt-polarity.neg "
-                            f"(from rt-polaritydata.tar.gz, Pang & Lee 2005)")
-        raw = f.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = raw.decode("latin-1")  # never fails; every byte is a character
-        # split on "\n" only: str.splitlines() would also split on \x85, \x0c and friends inside a sentence
-        lines = [s.strip() for s in text.translate(_CP1252_FIX).split("\n")]
-        texts += [s for s in lines if s]
-        labels += [label] * sum(1 for s in lines if s)
-    return texts, labels
-
-
-def kfold_indices(n, k=10, seed=0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """k seeded folds of (train_idx, test_idx); the test parts partition range(n). MR results are 10-fold CV."""
-    if not 2 <= k <= n:
-        raise ValueError(f"need 2 <= k <= n, got k={k}, n={n}")
-    folds = np.array_split(np.random.default_rng(seed).permutation(n), k)
-    return [(np.sort(np.concatenate(folds[:i] + folds[i + 1:])), np.sort(folds[i])) for i in range(k)]

@@ -363,7 +363,9 @@ class MPNext(nn.Module):
         n_kv = T - n_pred  # content stream rows = keys/values
         self._check_length(n)
         x = self.embed(input_ids, positions)
-        allowed = two_stream_mask(n, n_pred, kind).to(x.device)[None, None]  # (1, 1, T, n_kv)
+        # torch.compile bakes the mask into its graph: call the uncached function there (dynamo warns on lru_cache)
+        mask_fn = two_stream_mask.__wrapped__ if torch.compiler.is_compiling() else two_stream_mask
+        allowed = mask_fn(n, n_pred, kind).to(x.device)[None, None]  # (1, 1, T, n_kv)
         key_pad = input_ids[:, :n_kv] == self.cfg.pad_id  # padding is never a key
         allowed = allowed & ~key_pad[:, None, None, :]  # (B, 1, T, n_kv)
         bias = self.attention_bias(positions, positions[:, :n_kv], allowed, self._compute_dtype(x))

@@ -594,7 +594,7 @@ def test_batches(tok):
     text = tok.decode(x1[0, 1:])
     assert text in tok.decode(stream)  # rows are consecutive stream tokens
     rows = [x for x, _ in batches.iterate()]
-    assert len(rows) == len(batches)
+    assert sum(len(r) for r in rows) == len(stream) // 15  # every full block of 15 stream tokens, in order
     covered = torch.cat(rows)[:, 1:].reshape(-1)
     n = len(stream) // 15 * 15
     assert torch.equal(covered, torch.from_numpy(stream[:n].astype(np.int64)))
@@ -604,7 +604,7 @@ def test_batches(tok):
 
 def test_encode_documents_cache(tok, tmp_path, monkeypatch):
     docs = ["first document here.", "and a second one"]
-    path = tmp_path / "stream.npy"
+    path = tmp_path / "stream.npz"
     s1 = data.encode_documents(docs, tok, cache_path=path)
     assert s1.tolist() == tok.encode(docs[0]) + [tok.eos_id] + tok.encode(docs[1]) + [tok.eos_id]
     monkeypatch.setattr(tok, "encode", lambda text: pytest.fail("cache not used"))
@@ -615,25 +615,6 @@ def test_encode_documents_cache(tok, tmp_path, monkeypatch):
     assert s2.tolist() == other.encode(docs[0]) + [2] + other.encode(docs[1]) + [2]
     with pytest.raises(data.DataError):
         data.encode_documents(["", ""], tok)
-
-
-def test_sentence_polarity(tmp_path):
-    (tmp_path / "rt-polarity.pos").write_bytes(b"a gorgeous film \x96 truly .\nfun .\n")
-    (tmp_path / "rt-polarity.neg").write_bytes("bad caf\xe9 \x97 .\n\n".encode("utf-8"))  # UTF-8 copy, C1 dash left in
-    texts, labels = data.load_sentence_polarity(tmp_path)
-    assert texts == ["a gorgeous film \u2013 truly .", "fun .", "bad caf\xe9 \u2014 ."] and labels == [1, 1, 0]
-    with pytest.raises(data.DataError, match="rt-polarity.pos"):
-        data.load_sentence_polarity(tmp_path / "nowhere")
-
-
-def test_kfold_partition():
-    folds = data.kfold_indices(23, k=5, seed=1)
-    assert len(folds) == 5
-    tests = np.concatenate([te for _, te in folds])
-    assert sorted(tests.tolist()) == list(range(23))
-    for tr, te in folds:
-        assert not set(tr) & set(te) and len(tr) + len(te) == 23
-    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, data.kfold_indices(23, k=5, seed=1)))
 
 
 def test_default_corpus(tmp_path):
