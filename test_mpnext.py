@@ -719,6 +719,8 @@ def test_train_end_to_end_loss_falls_and_checkpoint_roundtrips(tmp_path, capsys)
 def test_resume_equals_uninterrupted_run(tmp_path, opt):
     straight = run_train(tmp_path, "--max-steps", "8", "--eval-every", "4", "--optimizer", opt, out="a")
     run_train(tmp_path, "--max-steps", "4", "--schedule-steps", "8", "--eval-every", "4", "--optimizer", opt, out="b")
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # a crash after the checkpoint leaves rows past it
+        f.write(json.dumps({"step": 5, "loss": 0.0}) + "\n")
     resumed = run_train(tmp_path, "--max-steps", "8", "--resume", out="b")
     a = torch.load(straight / "ckpt.pt", weights_only=True)
     b = torch.load(resumed / "ckpt.pt", weights_only=True)

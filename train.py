@@ -268,7 +268,11 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
         if device == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     loss_fn = torch.compile(model.loss) if tc.compile else model.loss
-    log = open(os.path.join(tc.out_dir, "log.jsonl"), "a")
+    log_path, kept = os.path.join(tc.out_dir, "log.jsonl"), []
+    if ckpt is not None and os.path.exists(log_path):  # resume: keep the rows up to the checkpoint, drop the rest
+        kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
+    log = open(log_path, "w")
+    log.writelines(kept)
     n_params = model.num_params()
     print(f"MPNext {cfg.objective} | {n_params / 1e6:.2f}M params | {device} {str(dtype).split('.')[-1]} | "
           f"{len(train_b.stream) / 1e6:.2f}M train tokens | steps {step}->{tc.max_steps}", flush=True)
