@@ -179,7 +179,8 @@ def split_documents(docs, val_fraction=0.05, seed=0) -> tuple[list[str], list[st
 # Every character matches some branch, so "".join(findall(s)) == s and BPE never merges across these chunks.
 PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d{1,3}| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
 _NEVER = 1 << 62  # "rank" of a pair that was never merged
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<mask>", "<unk>"]  # ids 0..4; <unk> is reserved, byte BPE never needs it
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4 as in fairseq/MPNet (<pad>=1: HF MPNet
+# hard-codes it); <unk> is reserved, byte BPE never needs it
 
 
 def _merge(ids, pair, new_id):
@@ -210,7 +211,7 @@ class _WordCache(dict):
 
 
 class Tokenizer:
-    """Ids: specials 0..4 (<pad>=0 so zero-initialised padding is harmless), then bytes 5..260, then merges 261...
+    """Ids: specials 0..4 (<s> <pad> </s> <unk> <mask>, MPNet's order), then bytes 5..260, then merges 261...
 
     word_start[i] says whether token i begins a word: specials yes; otherwise yes iff its first byte is a space or
     ASCII punctuation/whitespace/control (" the", ",", "\\n" -> True; "the", "ing", "é" -> False). Non-ASCII bytes
@@ -221,7 +222,7 @@ class Tokenizer:
     def __init__(self, merges=()):
         self.merges = [tuple(m) for m in merges]
         self.n_special = len(SPECIAL_TOKENS)
-        self.pad_id, self.bos_id, self.eos_id, self.mask_id, self.unk_id = range(self.n_special)
+        self.bos_id, self.pad_id, self.eos_id, self.unk_id, self.mask_id = range(self.n_special)
         self.vocab = [s.encode() for s in SPECIAL_TOKENS] + [bytes([b]) for b in range(256)]
         self.ranks = {}  # (a, b) -> merged id; lower id = learned earlier = applied first
         for a, b in self.merges:
@@ -322,7 +323,7 @@ class Tokenizer:
         return hashlib.sha256(json.dumps([PATTERN, SPECIAL_TOKENS, self.merges]).encode()).hexdigest()[:16]
 
     def save(self, path):
-        obj = {"format": "mpnext-bpe", "version": 1, "pattern": PATTERN, "special_tokens": SPECIAL_TOKENS,
+        obj = {"format": "mpnext-bpe", "version": 2, "pattern": PATTERN, "special_tokens": SPECIAL_TOKENS,
                "merges": [list(m) for m in self.merges]}
         _atomic_write(path, json.dumps(obj).encode())
 

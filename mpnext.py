@@ -60,9 +60,9 @@ class MPNextConfig:
     rel_max_distance: int = 128  # distances beyond this share the last bucket
     rel_init: str = "local"  # "local": head h starts with bias -2^(1-h) * log2(1 + distance); "normal": N(0, 0.02)
     # -- token ids the model and the input builders must know
-    pad_id: int = 0  # padding: never predicted, masked out of attention, gets position row 1 (fairseq's padding_idx)
-    mask_id: int = 3  # the [MASK] symbol fed to predicted positions
-    special_ids: tuple = (0, 1, 2, 3)  # never predicted, never drawn as random replacements (pad and mask included)
+    pad_id: int = 1  # padding (fairseq's and HF MPNet's id): never predicted, never a key, position row 1
+    mask_id: int = 4  # the [MASK] symbol fed to predicted positions
+    special_ids: tuple = (0, 1, 2, 3, 4)  # never predicted, never drawn as random replacements (pad and mask included)
     # -- pre-training objective (Sec. 2 of the paper; `mlm` and `plm` are its ablations, Table 5)
     objective: str = "mpnet"  # "mpnet" (PLM + position compensation), "plm" (XLNet-style), "mlm" (BERT-style)
     pred_ratio: float = 0.15  # fraction of the N tokens that is predicted: P = round(pred_ratio * N)
@@ -212,7 +212,8 @@ def render_masks(n, p, kind="mpnet"):
 class SelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        assert cfg.d_model % cfg.n_head == 0, "d_model must be a multiple of n_head"
+        if cfg.d_model % cfg.n_head:
+            raise ValueError(f"d_model={cfg.d_model} must be a multiple of n_head={cfg.n_head}")
         self.n_head, self.d_model, self.attn_dropout = cfg.n_head, cfg.d_model, cfg.attn_dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # rows [W_q; W_k; W_v], shared by both streams
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
@@ -267,6 +268,8 @@ class MPNext(nn.Module):
             raise ValueError(f"unknown activation {cfg.activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
         if cfg.rel_init not in ("local", "normal"):
             raise ValueError(f"unknown rel_init {cfg.rel_init!r}; use 'local' or 'normal'")
+        if cfg.rel_buckets < 4 or cfg.rel_buckets % 2:
+            raise ValueError(f"rel_buckets={cfg.rel_buckets}: need an even number >= 4 (half per side)")
         self.cfg = cfg
         D = cfg.d_model
         self.tok_emb = nn.Embedding(cfg.vocab_size, D)
@@ -415,14 +418,14 @@ class MPNext(nn.Module):
         if hc.hidden_act not in ACTIVATIONS:
             raise ValueError(f"MPNet checkpoint uses activation {hc.hidden_act!r}; MPNext supports {list(ACTIVATIONS)}")
         mask_id = overrides.pop("mask_id", hc.vocab_size - 1)
-        specials = tuple(sorted({i for i in (hc.bos_token_id, hc.pad_token_id, hc.eos_token_id, 3, mask_id)
+        specials = tuple(sorted({i for i in (hc.bos_token_id, 1, hc.eos_token_id, 3, mask_id)
                                  if i is not None}))
         cfg = MPNextConfig(**{**dict(
             vocab_size=hc.vocab_size, n_layer=hc.num_hidden_layers, n_head=hc.num_attention_heads,
             d_model=hc.hidden_size, d_ff=hc.intermediate_size, max_len=hc.max_position_embeddings - 2,
             activation=hc.hidden_act, dropout=hc.hidden_dropout_prob, attn_dropout=hc.attention_probs_dropout_prob,
             layer_norm_eps=hc.layer_norm_eps, rel_buckets=hc.relative_attention_num_buckets,
-            pad_id=hc.pad_token_id, mask_id=mask_id, special_ids=specials), **overrides})
+            pad_id=1, mask_id=mask_id, special_ids=specials), **overrides})  # HF hard-codes padding_idx = 1
         model = cls(cfg)
         sd = hf.state_dict()
         base = "mpnet." if any(k.startswith("mpnet.") for k in sd) else ""
@@ -447,6 +450,8 @@ class MPNext(nn.Module):
         cfg = self.cfg
         if cfg.pre_ln or cfg.activation != "gelu":
             raise ValueError("HF MPNet only has post-LN blocks and a GELU LM head: pre_ln/mish models cannot be exported")
+        if cfg.pad_id != 1:  # HF's MPNetEmbeddings hard-codes padding_idx = 1 for its position ids
+            raise ValueError(f"HF MPNet assumes the padding id is 1; this model pads with {cfg.pad_id}")
         sd = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
         out = {hf_key: sd[our_key] for hf_key, our_key in _hf_names(cfg.n_layer).items()}
         out["lm_head.decoder.weight"] = sd["tok_emb.weight"]

@@ -336,6 +336,14 @@ def test_too_long_input_is_a_clear_error():
 def test_to_hf_refuses_what_hf_cannot_represent(tmp_path):
     with pytest.raises(ValueError, match="pre_ln"):
         tiny_model(pre_ln=True).to_hf(tmp_path)
+    with pytest.raises(ValueError, match="padding id is 1"):
+        tiny_model(pad_id=0, special_ids=(0, 2, 3, 119)).to_hf(tmp_path)
+
+
+def test_models_trained_by_train_py_export_to_hf():
+    tok = data.Tokenizer()  # MPNet's special ids: <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4
+    cfg = MPNextConfig(vocab_size=tok.vocab_size, pad_id=tok.pad_id, mask_id=tok.mask_id)
+    assert cfg.special_ids == tuple(range(tok.n_special)) and cfg.pad_id == 1
 
 
 def test_base_preset_is_mpnet_base():
@@ -501,7 +509,7 @@ def test_roundtrip(tok, s):
 
 
 def test_specials_and_decode(tok):
-    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id, tok.n_special) == (0, 1, 2, 3, 5)
+    assert (tok.bos_id, tok.pad_id, tok.eos_id, tok.mask_id, tok.n_special) == (0, 1, 2, 4, 5)  # MPNet's ids
     hi = tok.encode("hi")
     assert tok.decode([tok.pad_id, tok.bos_id] + hi + [tok.mask_id, tok.eos_id, tok.pad_id]) == "<s>hi<mask></s>"
     assert tok.decode(torch.tensor(hi)) == "hi"
@@ -741,7 +749,11 @@ def test_cli_user_errors_are_one_line(tmp_path):
     (tmp_path / "short.txt").write_text("just a few words of text here\n\nand a second paragraph")
     cases = [(["--data", "missing.txt"], "missing.txt"), (["--data", "empty.txt"], "empty.txt"),
              (["--data", "latin1.txt"], "UTF-8"), (["--data", "short.txt", "--vocab", "300"], "shorter than one block"),
-             (["--preset", "enormous"], "unknown preset"), (["--resume", "--out-dir", "nowhere"], "ckpt.pt")]
+             (["--preset", "enormous"], "unknown preset"), (["--resume", "--out-dir", "nowhere"], "ckpt.pt"),
+             (["--resume", "--out-dir", "junk"], "not a checkpoint"), (["--grad-accum", "0"], "--grad-accum"),
+             (["--n-head", "3"], "multiple of n_head")]
+    os.makedirs(tmp_path / "junk")
+    (tmp_path / "junk" / "ckpt.pt").write_bytes(b"not a checkpoint")
     for args, needle in cases:
         r = cli(*args, cwd=tmp_path)
         assert r.returncode == 2, (args, r.stderr)

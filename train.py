@@ -127,6 +127,13 @@ def pick_dtype(name, device):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _log_step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a row cut off by a crash: dropped
+
+
 def slow_weights(optimizer):
     uses_lookahead = isinstance(optimizer, mpnext.Lookahead) or (
         isinstance(optimizer, mpnext.Ranger21) and optimizer.defaults["lookahead_active"])
@@ -206,9 +213,13 @@ def setup(argv=None):
     if train_args.get("resume"):
         if not os.path.exists(ckpt_path):
             raise ValueError(f"--resume: {ckpt_path} does not exist; run without --resume first")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        tc = dataclasses.replace(TrainConfig(**ckpt["train_config"]), **train_args)  # typed flags win
-        cfg = mpnext.MPNextConfig(**ckpt["model_config"])
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            tc = dataclasses.replace(TrainConfig(**ckpt["train_config"]), **train_args)  # typed flags win
+            cfg = mpnext.MPNextConfig(**ckpt["model_config"])
+        except Exception as e:  # corrupt file, or a checkpoint of another program / version
+            raise ValueError(f"{ckpt_path}: not a checkpoint this train.py can resume ({type(e).__name__}); "
+                             f"use another --out-dir or delete it") from None
         changed = sorted(k for k, v in model_args.items() if getattr(cfg, k) != v)
         if changed:  # the same command line plus --resume is fine; a different model is not
             raise ValueError(f"--resume keeps the model/objective of the checkpoint; drop or fix {changed}")
@@ -230,6 +241,11 @@ def setup(argv=None):
         cfg = dataclasses.replace(preset, **{**overrides, **model_args})
     if tc.seq_len > cfg.max_len:
         raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_len {cfg.max_len}")
+    for name in ("batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every", "vocab"):
+        if getattr(tc, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(tc, name)}")
+    if round(cfg.pred_ratio * tc.seq_len) < 1:
+        raise ValueError(f"--pred-ratio {cfg.pred_ratio} x --seq-len {tc.seq_len} predicts no token; raise either")
     if tc.batch_size % tc.grad_accum:
         raise ValueError(f"--batch-size {tc.batch_size} must be a multiple of --grad-accum {tc.grad_accum}")
     streams = [data.encode_documents(d, tok, os.path.join(out_dir, f"{name}_tokens.npz"))
@@ -270,7 +286,7 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
     loss_fn = torch.compile(model.loss) if tc.compile else model.loss
     log_path, kept = os.path.join(tc.out_dir, "log.jsonl"), []
     if ckpt is not None and os.path.exists(log_path):  # resume: keep the rows up to the checkpoint, drop the rest
-        kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
+        kept = [line for line in open(log_path) if _log_step(line) <= step]
     log = open(log_path, "w")
     log.writelines(kept)
     n_params = model.num_params()
