@@ -10,18 +10,18 @@ one in permuted order, like XLNet's permuted LM (PLM, arXiv 1906.08237), so late
 and also feed P [MASK] symbols that carry the *positions* of all predicted tokens ("position compensation"), so every
 prediction sees where the whole sentence is, as BERT's MLM does:
 
-    L_MPNet = - sum_{t=C+1..N} log P(x_{z_t} | x_{z_<t}, M_{z_>C})                                     # Eq. (5)
+    L_MPNet = - sum_{t=C+1..N} log P(x_{z_t} | x_{z_<t}, M_{z_>C})                                     # Sec. 2.2
 
 Reading guide (small pieces first, the model last):
     1. config ............. MPNextConfig and its presets
     2. activations ........ GELU (erf), Mish (arXiv 1908.08681)
     3. positions .......... T5-style bucketed relative position bias (arXiv 1910.10683 Sec. 2.1), as MPNet uses it
     4. two-stream masks ... content / query masks of MPNet and of PLM, and a text renderer for them
-    5. the model .......... attention, block, MPNext (natural-order encoder + two-stream encoder + tied LM head)
-    6. input builders ..... permutation (token or whole word), 80/10/10 corruption, MLM / PLM / MPNet batches, the loss
-    7. Hugging Face ....... MPNext.from_hf / to_hf, logits identical to transformers' MPNetForMaskedLM
-    8. optimizers ......... AdamW, RAdam, Lookahead, GC, AGC, Ranger, Ranger21 (and a factory for train.py)
-    9. schedules .......... warmup + linear / cosine decay
+    5. the model .......... attention, block, MPNext: natural-order encoder, two-stream encoder, tied LM head, the
+                            loss, and Hugging Face interop (from_hf / to_hf, logits identical to MPNetForMaskedLM)
+    6. input builders ..... permutation (token or whole word), 80/10/10 corruption, MLM / PLM / MPNet batches
+    7. optimizers ......... AdamW, RAdam, Lookahead, GC, AGC, Ranger, Ranger21 (and a factory for train.py)
+    8. schedules .......... warmup + linear / cosine decay
 
 Shapes: B batch, N tokens of a sentence, P predicted tokens, C = N - P, T rows fed to the encoder,
 H heads, hs head size, D = d_model, V vocabulary.
@@ -63,7 +63,7 @@ class MPNextConfig:
     pad_id: int = 1  # padding (fairseq's and HF MPNet's id): never predicted, never a key, position row 1
     mask_id: int = 4  # the [MASK] symbol fed to predicted positions
     special_ids: tuple = (0, 1, 2, 3, 4)  # never predicted, never drawn as random replacements (pad and mask included)
-    # -- pre-training objective (Sec. 2 of the paper; `mlm` and `plm` are its ablations, Table 5)
+    # -- pre-training objective (Sec. 2 of the paper; `mlm` and `plm` are the variants of its ablation study)
     objective: str = "mpnet"  # "mpnet" (PLM + position compensation), "plm" (XLNet-style), "mlm" (BERT-style)
     pred_ratio: float = 0.15  # fraction of the N tokens that is predicted: P = round(pred_ratio * N)
     mask_prob: float = 0.8  # of the predicted tokens: fed as [MASK] ...
@@ -97,7 +97,7 @@ PRESETS = {
 def mish(x):
     """Mish (Misra, arXiv 1908.08681): mish(x) = x * tanh(softplus(x)), softplus(x) = ln(1 + e^x).
     F.softplus switches to the identity for x > 20, which keeps gradients finite where ln(1 + e^x) would overflow."""
-    return x * torch.tanh(F.softplus(x))  # Eq. (1) of the Mish paper
+    return x * torch.tanh(F.softplus(x))
 
 
 ACTIVATIONS = {"gelu": F.gelu, "mish": mish}  # F.gelu is the exact erf form, as fairseq and HF MPNet use
@@ -404,7 +404,7 @@ class MPNext(nn.Module):
             loss = loss + mlm_loss
         return loss, metrics
 
-    # -- Hugging Face interop (Sec. 7)
+    # -- Hugging Face interop
 
     @classmethod
     def from_hf(cls, model_or_path, **overrides):
@@ -567,7 +567,7 @@ def make_batch(input_ids, cfg, generator, word_starts=None, objective=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 8. Optimizers: a combination lab
+# 7. Optimizers: a combination lab
 #
 #   Adam         Kingma & Ba, arXiv 1412.6980 (Alg. 1)        AdamW      Loshchilov & Hutter, arXiv 1711.05101 (Alg. 2)
 #   RAdam        Liu et al., arXiv 1908.03265 (Alg. 2)        Lookahead  Zhang et al., arXiv 1907.08610 (Alg. 1)
@@ -979,7 +979,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 9. Learning-rate schedules
+# 8. Learning-rate schedules
 
 
 def lr_multiplier(step, warmup_steps, total_steps, decay="linear", min_ratio=0.0):
