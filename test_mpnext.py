@@ -738,6 +738,19 @@ def test_resume_equals_uninterrupted_run(tmp_path, opt):
     assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(resumed)]
 
 
+def test_benchmark_mode_reports_side_by_side(tmp_path, capsys):
+    run_train(tmp_path, "--benchmark")
+    out = capsys.readouterr().out
+    assert "tokenizer |" in out and "MB/s" in out
+    for objective in ("mlm", "plm", "mpnet"):
+        assert f"MPNext {objective}" in out
+    try:
+        import transformers  # noqa: F401
+        assert "x HF's MLM step" in out
+    except ImportError:
+        assert "no HF reference row" in out
+
+
 def cli(*args, cwd):
     return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=120)

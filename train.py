@@ -62,6 +62,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; fp32 on CPU/MPS) | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the loss (GPU speed knob; costs seconds to minutes at start)
     resume: bool = False  # continue from out_dir/ckpt.pt
+    benchmark: bool = False  # instead of training: time the tokenizer and one training step per objective (and HF's)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -143,6 +144,10 @@ def slow_weights(optimizer):
 def lr_now(optimizer, step):
     group = optimizer.param_groups[0]
     return optimizer.scheduled_lr(group, step) if isinstance(optimizer, mpnext.Ranger21) else group["lr"]
+
+
+def autocast_for(device, dtype):
+    return torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
 def save_atomic(obj, path):
@@ -269,7 +274,7 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
     schedule_steps = tc.schedule_steps or tc.max_steps
     optimizer = make_optimizer(model, tc)
     dtype = pick_dtype(tc.dtype, device)
-    autocast = torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    autocast = autocast_for(device, dtype)
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
     gen = torch.Generator().manual_seed(tc.seed)  # every batch and mask draw comes from here
     step, best = 0, math.inf
@@ -356,13 +361,71 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
     return model, ev
 
 
+def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, steps=10):
+    """Side-by-side timings in one process: BPE training and encoding on the corpus, then a full training step
+    (forward, backward, AdamW) of each objective on the same batch, and of HF's MPNetForMaskedLM when installed."""
+    text = "\n".join(data.load_documents(tc.data or None))
+    mb = len(text.encode()) / 1e6
+    t0 = time.perf_counter()
+    fresh = data.Tokenizer.train(text, vocab_size=tc.vocab)
+    t1 = time.perf_counter()
+    data.Tokenizer(fresh.merges).encode(text)  # a new instance: cold word cache
+    t2 = time.perf_counter()
+    print(f"tokenizer | {mb:.2f} MB | train {fresh.vocab_size} vocab: {t1 - t0:.1f} s | encode: {mb / (t2 - t1):.1f} MB/s")
+    autocast = autocast_for(device, pick_dtype(tc.dtype, device))
+    ids, starts = train_b.sample(torch.Generator().manual_seed(tc.seed))
+    mlm = mpnext.make_batch(ids, cfg, torch.Generator().manual_seed(0), starts, objective="mlm")
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def seconds_per_step(model, loss_fn, batch):
+        model.to(device).train()
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        for i in range(steps + 2):  # 2 warm-up steps
+            if i == 2:
+                sync()
+                start = time.perf_counter()
+            with autocast:
+                loss = loss_fn(model, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync()
+        return (time.perf_counter() - start) / steps
+
+    rows = {}
+    try:
+        import transformers
+        hc = transformers.MPNetConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+                                      num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff,
+                                      max_position_embeddings=cfg.max_len + 2, layer_norm_eps=cfg.layer_norm_eps,
+                                      hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.attn_dropout)
+        labels = torch.full_like(ids, -100).scatter_(1, mlm["pred_positions"], mlm["targets"])
+        rows["HF MPNetForMaskedLM (mlm)"] = seconds_per_step(
+            transformers.MPNetForMaskedLM(hc), lambda m, b: m(input_ids=b["ids"], labels=b["labels"]).loss,
+            {"ids": mlm["input_ids"], "labels": labels})
+    except ImportError:
+        print("transformers is not installed: no HF reference row")
+    for objective in ("mlm", "plm", "mpnet"):
+        batch = mpnext.make_batch(ids, cfg, torch.Generator().manual_seed(0), starts, objective=objective)
+        rows[f"MPNext {objective}"] = seconds_per_step(mpnext.MPNext(cfg), lambda m, b: m.loss(b)[0], batch)
+    ref = rows.get("HF MPNetForMaskedLM (mlm)")
+    print(f"training step | {device} | batch {ids.shape[0]} x {ids.shape[1]} tokens | {steps} steps each")
+    for name, sec in rows.items():
+        speedup = f" | {ref / sec:.2f}x HF's MLM step" if ref else ""
+        print(f"  {name:<26} {sec * 1e3:8.1f} ms/step | {ids.numel() / sec / 1e3:7.1f}k tok/s{speedup}")
+
+
 def main(argv=None):
     try:
         run = setup(argv)
     except (data.DataError, ValueError) as e:  # user mistakes: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    train(*run)
+    (benchmark if run[0].benchmark else train)(*run)
     return 0
 
 
