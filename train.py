@@ -5,6 +5,7 @@ Pre-train MPNext on your own text, on CPU or GPU.
     python train.py --data my_text.txt --max-steps 5000 --preset small --device cuda
     python train.py --data shakespeare --objective mlm # the paper's ablations: mpnet | plm | mlm
     python train.py --out-dir out --max-steps 2000 --resume   # continue a run exactly where it stopped
+    python train.py --benchmark --preset base          # timings side by side: BPE, each objective, HF's MLM step
     python train.py --help                             # every flag, with its default
 
 Every field of MPNextConfig (model + objective) and of TrainConfig below is a flag; --preset picks the model size.
