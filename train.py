@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import json
 import math
 import os
@@ -147,6 +148,10 @@ def lr_now(optimizer, step):
     return optimizer.scheduled_lr(group, step) if isinstance(optimizer, mpnext.Ranger21) else group["lr"]
 
 
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def autocast_for(device, dtype):
     return torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
@@ -169,16 +174,13 @@ def evaluate(model, batches, cfg, tc, device, autocast):
     model.eval()
     g = torch.Generator().manual_seed(1234)
     sums, n = {}, 0
-    for ids, starts in batches.iterate():
-        if n == tc.eval_batches:
-            break
-        for name, obj in (("val", None), ("val_mlm", "mlm")):
-            state = g.get_state()  # the same predicted tokens for both scores
+    for ids, starts in itertools.islice(batches.iterate(), tc.eval_batches):
+        state = g.get_state()
+        for name, obj in (("val", cfg.objective), ("val_mlm", "mlm")):
+            g.set_state(state)  # the same predicted tokens for both scores
             batch = mpnext.make_batch(ids, cfg, g, starts, objective=obj)
-            if name == "val":
-                g.set_state(state)
             with autocast:
-                _, m = model.loss({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+                _, m = model.loss(to_device(batch, device))
             sums[f"{name}_loss"] = sums.get(f"{name}_loss", 0.0) + m["loss"].item()
             sums[f"{name}_acc"] = sums.get(f"{name}_acc", 0.0) + m["acc"].item()
         n += 1
@@ -319,9 +321,8 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
         for _ in range(tc.grad_accum):
             ids, starts = train_b.sample(gen)
             batch = mpnext.make_batch(ids, cfg, gen, starts)
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             with autocast:
-                loss, metrics = loss_fn(batch)
+                loss, metrics = loss_fn(to_device(batch, device))
             scaler.scale(loss / tc.grad_accum).backward()
             tokens += ids.numel()
         if tc.grad_clip > 0:
@@ -383,7 +384,7 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, steps=10):
 
     def seconds_per_step(model, loss_fn, batch):
         model.to(device).train()
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         for i in range(steps + 2):  # 2 warm-up steps
             if i == 2:
