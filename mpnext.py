@@ -17,20 +17,24 @@ Reading guide (small pieces first, the model last):
     2. activations ........ GELU (erf), Mish (arXiv 1908.08681)
     3. positions .......... T5-style bucketed relative position bias (arXiv 1910.10683 Sec. 2.1), as MPNet uses it
     4. two-stream masks ... content / query masks of MPNet and of PLM, and a text renderer for them
-    5. the model .......... attention, block, MPNext: natural-order encoder, two-stream encoder, tied LM head, the
-                            loss, and Hugging Face interop (from_hf / to_hf, logits identical to MPNetForMaskedLM)
-    6. input builders ..... permutation (token or whole word), 80/10/10 corruption, MLM / PLM / MPNet batches
+    5. the model .......... attention, block, the heads of ELECTRA (arXiv 2003.10555: generator config, discriminator)
+                            and SpanBERT (arXiv 1907.10529: span boundary objective), MPNext: natural-order encoder,
+                            two-stream encoder, tied LM head, the loss of every head, and Hugging Face interop
+                            (from_hf / to_hf, logits identical to MPNetForMaskedLM)
+    6. input builders ..... masking units (token, whole word, SpanBERT span), permutation, 80/10/10 corruption,
+                            MLM / PLM / MPNet batches, span boundaries, ELECTRA's replaced tokens (and MPNet + RTD)
     7. optimizers ......... AdamW, RAdam, Lookahead, GC, AGC, Ranger, Ranger21 (and a factory for train.py)
     8. schedules .......... warmup + linear / cosine decay
 
-Shapes: B batch, N tokens of a sentence, P predicted tokens, C = N - P, T rows fed to the encoder,
-H heads, hs head size, D = d_model, V vocabulary.
+Shapes: B batch, N tokens of a sentence, P predicted tokens (per row at most), C = N - P, W non-predicted slots,
+T rows fed to the encoder, R replaced tokens (ELECTRA), H heads, hs head size, D = d_model, E embedding width,
+V vocabulary.
 """
 
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -65,11 +69,20 @@ class MPNextConfig:
     special_ids: tuple = (0, 1, 2, 3, 4)  # never predicted, never drawn as random replacements (pad and mask included)
     # -- pre-training objective (Sec. 2 of the paper; `mlm` and `plm` are the variants of its ablation study)
     objective: str = "mpnet"  # "mpnet" (PLM + position compensation), "plm" (XLNet-style), "mlm" (BERT-style)
-    pred_ratio: float = 0.15  # fraction of the N tokens that is predicted: P = round(pred_ratio * N)
+    pred_ratio: float = 0.15  # fraction of a row's non-pad tokens that is predicted (its budget)
     mask_prob: float = 0.8  # of the predicted tokens: fed as [MASK] ...
     random_prob: float = 0.1  # ... fed as a random non-special token; the rest (0.1) keep the original token
-    whole_word: bool = False  # permute whole words (word-start flags from the data) instead of single tokens
+    masking: str = "token"  # unit that is hidden and permuted: "token", "word" (whole words) or "span" (SpanBERT)
+    span_p: float = 0.2  # span lengths in words ~ Geometric(span_p) truncated to [1, span_max] (SpanBERT: 0.2, 10)
+    span_max: int = 10  # longest span, in words
     return_mlm: bool = False  # MPNet's --return-mlm: add an MLM loss on the mask-copy rows of the content stream
+    # -- extra heads (section 6): ELECTRA replaced-token detection, SpanBERT span boundary objective
+    rtd: bool = False  # ELECTRA: a small generator fills in tokens, the main model spots the replaced ones
+    rtd_weight: float = None  # lambda of the discriminator loss; None = 50 for mlm (ELECTRA), 10 for mpnet/plm
+    rtd_ratio: float = 0.15  # mpnet/plm + rtd: share of the NON-predicted tokens that the generator replaces
+    gen_width: float = 0.25  # generator hidden size as a fraction of d_model (ELECTRA's best: 1/4 to 1/2); same depth
+    d_embed: int = 0  # width E of the token/position embeddings, projected to d_model when they differ; 0 = d_model
+    sbo: bool = False  # SpanBERT's span boundary objective on the predicted spans (weight 1)
 
     @classmethod
     def from_preset(cls, name, **overrides):
@@ -256,34 +269,115 @@ class Block(nn.Module):
         return self.ln2(x + self.ffn(x))
 
 
+class DiscriminatorHead(nn.Module):
+    """ELECTRA's discriminator (Clark et al., arXiv 2003.10555 Sec. 2): D(x, t) = sigmoid(w^T act(W h_t + b) + c),
+    one logit per token: "was this token replaced?". No LayerNorm, as in ELECTRA."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.activation]
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, 1)
+
+    def forward(self, h):
+        return self.out(self.act(self.dense(h))).squeeze(-1)  # (B, T) logits
+
+
+SBO_MAX_OFFSET = 32  # rows of the SBO position table; span tokens further from the left boundary get no SBO term
+
+
+class SpanBoundaryHead(nn.Module):
+    """SpanBERT's span boundary objective (Joshi et al., arXiv 1907.10529 Sec. 3.2): token i of a span s..e is
+    predicted from the two tokens just outside it and its place in the span, y_i = f(x_{s-1}, x_{e+1}, p_{i-s+1}):
+        h = LayerNorm(act(W1 [x_{s-1}; x_{e+1}; p_{i-s+1}]))    y_i = LayerNorm(act(W2 h))
+    then the decoder tied to the token embeddings, with a bias of its own. SpanBERT's p has 200 dims; ours d_model."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, E = cfg.d_model, cfg.d_embed or cfg.d_model
+        self.act = ACTIVATIONS[cfg.activation]
+        self.pos = nn.Embedding(SBO_MAX_OFFSET, D)  # p: offset of the target from the span's first token
+        self.fc1 = nn.Linear(3 * D, D)
+        self.ln1 = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.fc2 = nn.Linear(D, E)
+        self.ln2 = nn.LayerNorm(E, eps=cfg.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, left, right, offset):
+        h = self.ln1(self.act(self.fc1(torch.cat([left, right, self.pos(offset)], -1))))  # Sec. 3.2, first layer
+        return self.ln2(self.act(self.fc2(h)))  # y_i, (B, P, E)
+
+
+def generator_config(cfg):
+    """ELECTRA's generator (Sec. 3.2; its code's get_generator_config): hidden size gen_width x d_model, heads of 64
+    dims (at least one), FFN 4x hidden, the same depth. It reads the main model's embeddings (width d_model, shared
+    with the discriminator as ELECTRA shares them) through a projection, and decodes with the same tied table."""
+    d = max(1, round(cfg.d_model * cfg.gen_width))
+    h = max(1, d // 64)
+    while d % h:
+        h -= 1
+    return replace(cfg, d_model=d, n_head=h, d_ff=4 * d, d_embed=cfg.d_embed or cfg.d_model,
+                               objective="mlm", rtd=False, sbo=False, return_mlm=False)
+
+
+def check_config(cfg):
+    """One clear ValueError for a config the model or the builders cannot run."""
+    choices = dict(activation=tuple(ACTIVATIONS), rel_init=("local", "normal"), objective=("mpnet", "plm", "mlm"),
+                   masking=("token", "word", "span"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; choose one of: {', '.join(allowed)}")
+    if cfg.rel_buckets < 4 or cfg.rel_buckets % 2:
+        raise ValueError(f"rel_buckets={cfg.rel_buckets}: need an even number >= 4 (half per side)")
+    if cfg.d_embed < 0:
+        raise ValueError(f"d_embed={cfg.d_embed}: use 0 (= d_model) or a positive width")
+    if not (0 < cfg.span_p < 1 and cfg.span_max >= 1):
+        raise ValueError(f"span_p={cfg.span_p}, span_max={cfg.span_max}: need 0 < span_p < 1 and span_max >= 1")
+    if cfg.rtd and not (0 < cfg.gen_width <= 1 and 0 < cfg.rtd_ratio <= 1):
+        raise ValueError(f"gen_width={cfg.gen_width}, rtd_ratio={cfg.rtd_ratio}: both must be in (0, 1]")
+    if cfg.rtd and cfg.sbo and cfg.objective == "mlm":
+        raise ValueError("--sbo with --objective mlm --rtd: the discriminator reads the generator's samples inside "
+                         "each span (often the true tokens), so its boundary rows would leak the span; use mpnet/plm")
+
+
+def rtd_weight(cfg):
+    """lambda of the discriminator loss. ELECTRA's 50 balances a BCE against the MLM loss of ANOTHER network (the
+    generator): the discriminator gets nothing else. With mpnet/plm the same encoder also carries the permuted-LM
+    loss, and lambda trades one objective against the other; 10 keeps the permuted-LM loss within a few percent of
+    plain MPNet's while the discriminator still learns (README, "MPNet + RTD")."""
+    return cfg.rtd_weight if cfg.rtd_weight is not None else (50.0 if cfg.objective == "mlm" else 10.0)
+
+
 class MPNext(nn.Module):
     """MPNet encoder with a tied LM head. Two ways in:
     - forward(input_ids, attention_mask) -> logits (B, T, V): ordinary bidirectional encoder in natural order
       (fine-tuning, plain MLM, and exactly HF's MPNetForMaskedLM).
-    - two_stream(input_ids, positions, n_pred, kind) -> logits (B, P, V): the pre-training layout of Sec. 4."""
+    - two_stream(input_ids, positions, n_pred, kind) -> logits (B, P, V): the pre-training layout of Sec. 4.
+    With cfg.rtd it also holds an ELECTRA generator (a small MPNext sharing the embeddings) and a discriminator head;
+    with cfg.sbo a span boundary head. loss(batch) trains them all."""
 
     def __init__(self, cfg):
         super().__init__()
-        if cfg.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {cfg.activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
-        if cfg.rel_init not in ("local", "normal"):
-            raise ValueError(f"unknown rel_init {cfg.rel_init!r}; use 'local' or 'normal'")
-        if cfg.rel_buckets < 4 or cfg.rel_buckets % 2:
-            raise ValueError(f"rel_buckets={cfg.rel_buckets}: need an even number >= 4 (half per side)")
+        check_config(cfg)
         self.cfg = cfg
-        D = cfg.d_model
-        self.tok_emb = nn.Embedding(cfg.vocab_size, D)
+        D, E = cfg.d_model, cfg.d_embed or cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, E)
         # fairseq's learned positions: row 1 is the padding row, real position i uses row i + 2 (row 0 unused)
-        self.pos_emb = nn.Embedding(cfg.max_len + 2, D)
-        self.emb_ln = nn.LayerNorm(D, eps=cfg.layer_norm_eps)  # MPNet normalises the embeddings (post-LN setup)
+        self.pos_emb = nn.Embedding(cfg.max_len + 2, E)
+        self.emb_ln = nn.LayerNorm(E, eps=cfg.layer_norm_eps)  # MPNet normalises the embeddings (post-LN setup)
+        self.emb_proj = nn.Linear(E, D) if E != D else nn.Identity()  # factorised embeddings (ALBERT, ELECTRA's G)
         self.rel_bias = nn.Embedding(cfg.rel_buckets, cfg.n_head)  # shared by all layers
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(D, eps=cfg.layer_norm_eps) if cfg.pre_ln else nn.Identity()
         # LM head (RoBERTa/MPNet): dense -> activation -> LayerNorm -> decoder tied to tok_emb, plus its own bias
-        self.head_dense = nn.Linear(D, D)
-        self.head_ln = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.head_dense = nn.Linear(D, E)
+        self.head_ln = nn.LayerNorm(E, eps=cfg.layer_norm_eps)
         self.head_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        if cfg.rtd:
+            self.disc = DiscriminatorHead(cfg)
+        if cfg.sbo:
+            self.sbo = SpanBoundaryHead(cfg)
         self.apply(self._init_weights)
 
         with torch.no_grad():  # fairseq zeroes the padding rows
@@ -291,6 +385,10 @@ class MPNext(nn.Module):
             self.pos_emb.weight[1].zero_()
             if cfg.rel_init == "local":
                 self.rel_bias.weight.copy_(local_bias_init(cfg))
+        if cfg.rtd:  # built after the init above, which would overwrite its own relative-bias prior
+            self.generator = MPNext(generator_config(cfg))
+            # ELECTRA ties the token and position embeddings and their LayerNorm (Sec. 3.2: "tie embeddings only")
+            self.generator.tok_emb, self.generator.pos_emb, self.generator.emb_ln = self.tok_emb, self.pos_emb, self.emb_ln
 
     @staticmethod
     def _init_weights(m):
@@ -308,7 +406,7 @@ class MPNext(nn.Module):
     def embed(self, input_ids, positions):
         """Token + absolute position embeddings of ORIGINAL positions (0-based), LayerNorm, dropout."""
         rows = torch.where(input_ids == self.cfg.pad_id, 1, positions + 2)  # fairseq offset; pads use row 1
-        return self.drop(self.emb_ln(self.tok_emb(input_ids) + self.pos_emb(rows)))
+        return self.emb_proj(self.drop(self.emb_ln(self.tok_emb(input_ids) + self.pos_emb(rows))))
 
     def attention_bias(self, q_pos, k_pos, allowed, dtype):
         """Relative bias (.., H, Tq, Tk) with blocked entries set to the dtype's minimum (finite: a fully blocked
@@ -364,7 +462,7 @@ class MPNext(nn.Module):
         B, T = input_ids.shape
         n = T - 2 * n_pred if kind == "mpnet" else T - n_pred  # sentence length N
         n_kv = T - n_pred  # content stream rows = keys/values
-        self._check_length(n)
+        self._check_length(n - n_pred)  # a layout holds up to n_pred filler pads besides the sentence (section 6)
         x = self.embed(input_ids, positions)
         # torch.compile bakes the mask into its graph: call the uncached function there (dynamo warns on lru_cache)
         mask_fn = two_stream_mask.__wrapped__ if torch.compiler.is_compiling() else two_stream_mask
@@ -381,28 +479,68 @@ class MPNext(nn.Module):
     # -- the pre-training loss
 
     def loss(self, batch):
-        """Mean cross-entropy over the predicted tokens of a batch from `make_batch` (Sec. 6), and the masked-token
-        accuracy. For "mpnet" with return_mlm, the mask-copy rows (which see exactly BERT's MLM context) add an MLM
-        loss at almost no cost (MPNet's --return-mlm)."""
-        kind, targets, P = batch["kind"], batch["targets"], batch["targets"].shape[1]
-        extra = None
+        """The weighted sum of every loss the batch asks for (section 6 builds it), each a mean over its own targets so
+        the weights mean what the papers mean (objectives.md Sec. 0): the objective's LM loss (query rows, or the
+        masked rows for mlm), MPNet's --return-mlm loss, ELECTRA's generator and discriminator losses, SpanBERT's SBO
+        loss. Returns (loss, metrics): each loss as "<name>_loss", accuracies, the discriminator's numbers."""
+        kind, ids = batch["kind"], batch["input_ids"]
+        losses, metrics = {}, {}
+        if "rtd_targets" in batch:  # ELECTRA: the generator's samples go into the input, labels say where
+            ids, replaced = self.replace_tokens(batch, losses, metrics)
         if kind == "mlm":
-            h = self.encode(batch["input_ids"], batch.get("attention_mask"))
-            idx = batch["pred_positions"][..., None].expand(-1, -1, h.size(-1))  # (B, P, D)
-            logits = self.lm_head(h.gather(1, idx))  # sparse prediction: the head runs on the P rows only
+            h = self.encode(ids, batch.get("attention_mask"))  # (B, N, D)
         else:
-            h = self.two_stream_encode(batch["input_ids"], batch["positions"], P, kind)
-            logits = self.lm_head(h[:, -P:])  # (B, P, V)
-            if kind == "mpnet" and self.cfg.return_mlm:
-                extra = self.lm_head(h[:, -2 * P:-P])  # mask-copy rows of the content stream
-        logits = logits.float()  # loss in fp32, as fairseq does
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        metrics = {"loss": loss.detach(), "acc": (logits.argmax(-1) == targets).float().mean()}
-        if extra is not None:
-            mlm_loss = F.cross_entropy(extra.float().flatten(0, 1), targets.flatten())
-            metrics["mlm_loss"] = mlm_loss.detach()
-            loss = loss + mlm_loss
-        return loss, metrics
+            P = batch["targets"].shape[1]
+            h = self.two_stream_encode(ids, batch["positions"], P, kind)  # (B, T, D), query rows last
+        if "targets" in batch:  # the objective's own LM loss (absent only for ELECTRA's discriminator)
+            if kind == "mlm":  # sparse prediction: the head runs on the P masked rows only
+                rows = h.gather(1, batch["pred_positions"][..., None].expand(-1, -1, h.size(-1)))
+            else:
+                rows = h[:, -P:]  # the query stream
+            losses["lm"], metrics["acc"] = token_loss(self.lm_head(rows), batch["targets"])
+            if kind == "mpnet" and self.cfg.return_mlm:  # the mask-copy rows see exactly BERT's MLM context
+                losses["mlm"], _ = token_loss(self.lm_head(h[:, -2 * P:-P]), batch["targets"])
+        if "rtd_targets" in batch:  # the discriminator scores the rows of rtd_scored (Sec. 6 says which)
+            scored = batch["rtd_scored"]
+            replaced = replaced[:, :scored.shape[1]]
+            logits = self.disc(h[:, :scored.shape[1]]).float()  # (B, rows), BCE in fp32
+            bce = F.binary_cross_entropy_with_logits(logits, replaced.float(), reduction="none")
+            n = scored.sum().clamp(min=1)
+            losses["disc"] = (bce * scored).sum() / n
+            guess, hit = logits > 0, replaced & scored
+            metrics.update(replaced=hit.sum() / n, disc_acc=((guess == replaced) & scored).sum() / n,
+                           disc_precision=(guess & hit).sum() / (guess & scored).sum().clamp(min=1),
+                           disc_recall=(guess & hit).sum() / hit.sum().clamp(min=1))
+        if "sbo_targets" in batch:  # boundaries are rows that never saw the span (section 6, span_boundaries)
+            rows = [h.gather(1, batch[k][..., None].expand(-1, -1, h.size(-1))) for k in ("sbo_left", "sbo_right")]
+            y = self.sbo(*rows, batch["sbo_offset"])
+            logits = F.linear(y, self.tok_emb.weight, self.sbo.bias)  # tied decoder, own bias
+            losses["sbo"], metrics["sbo_acc"] = token_loss(logits, batch["sbo_targets"])
+        total = sum(v * (rtd_weight(self.cfg) if k == "disc" else 1.0) for k, v in losses.items())
+        metrics.update({f"{k}_loss": v.detach() for k, v in losses.items()}, loss=total.detach())
+        return total, metrics
+
+    def replace_tokens(self, batch, losses, metrics):
+        """ELECTRA Sec. 2: the generator predicts the tokens hidden from it (its MLM loss, weight 1) and samples
+        replacements x^ ~ p_G(. | its input) at temperature 1 by inverting the CDF at the batch's uniforms rtd_u (so the
+        batch generator owns all randomness). Special tokens are never sampled. The sample is discrete and taken
+        without grad: no gradient of the discriminator loss reaches the generator. A token counts as replaced only
+        where x^ differs from the original (ELECTRA: "moderately improved" results)."""
+        gen, targets, slots = self.generator, batch["rtd_targets"], batch["rtd_slots"]
+        h = gen.encode(batch["gen_ids"], batch["gen_attention_mask"])
+        h = h.gather(1, batch["rtd_positions"][..., None].expand(-1, -1, h.size(-1)))  # (B, R, D_G)
+        logits = gen.lm_head(h).float()  # (B, R, V)
+        losses["gen"], metrics["gen_acc"] = token_loss(logits, targets)
+        with torch.no_grad():
+            special = ~predictable(torch.arange(self.cfg.vocab_size, device=logits.device)[None], self.cfg)[0]
+            cdf = logits.masked_fill(special, -math.inf).softmax(-1).cumsum(-1)  # (B, R, V)
+            u = batch["rtd_u"][..., None] * cdf[..., -1:]
+            x_hat = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=self.cfg.vocab_size - 1)
+        valid = targets != IGNORE
+        ids = batch["input_ids"]
+        ids = ids.scatter(1, slots, torch.where(valid, x_hat, ids.gather(1, slots)))  # slots are distinct per row
+        replaced = torch.zeros_like(ids, dtype=torch.bool).scatter(1, slots, valid & (x_hat != targets))
+        return ids, replaced
 
     # -- Hugging Face interop
 
@@ -441,15 +579,19 @@ class MPNext(nn.Module):
             for t in ("weight", "bias"):
                 ours[f"blocks.{i}.attn.qkv.{t}"] = torch.cat([sd[a + f"q.{t}"], sd[a + f"k.{t}"], sd[a + f"v.{t}"]])
         missing, unexpected = model.load_state_dict(ours, strict=False)
-        assert not unexpected and all(k.startswith("head_") for k in missing), (missing, unexpected)
+        fresh = ("head_", "generator.", "disc.", "sbo.")  # no head in an MPNetModel; heads HF does not have
+        assert not unexpected and all(k.startswith(fresh) for k in missing), (missing, unexpected)
         return model
 
     def to_hf(self, out_dir):
         """Write an HF MPNetForMaskedLM checkpoint (config.json + pytorch_model.bin) without needing `transformers`;
-        `MPNetForMaskedLM.from_pretrained(out_dir)` gives the same logits."""
+        `MPNetForMaskedLM.from_pretrained(out_dir)` gives the same logits. Only the main encoder and its LM head go out:
+        the ELECTRA generator and the discriminator and SBO heads are pre-training tools, kept in MPNext checkpoints
+        only (as ELECTRA discards its generator). After classic ELECTRA (mlm + rtd) the LM head is untrained."""
         cfg = self.cfg
-        if cfg.pre_ln or cfg.activation != "gelu":
-            raise ValueError("HF MPNet only has post-LN blocks and a GELU LM head: pre_ln/mish models cannot be exported")
+        if cfg.pre_ln or cfg.activation != "gelu" or cfg.d_embed not in (0, cfg.d_model):
+            raise ValueError("HF MPNet only has post-LN blocks, a GELU LM head and embeddings of width d_model: "
+                             "pre_ln, mish and d_embed models cannot be exported")
         if cfg.pad_id != 1:  # HF's MPNetEmbeddings hard-codes padding_idx = 1 for its position ids
             raise ValueError(f"HF MPNet assumes the padding id is 1; this model pads with {cfg.pad_id}")
         sd = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
@@ -496,14 +638,21 @@ def _hf_names(n_layer):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 6. Input builders (the collator of MPNet's fairseq task, vectorised; spec mpnet.md Sec. 1)
+# 6. Input builders (the collator of MPNet's fairseq task, vectorised; spec mpnet.md Sec. 1), and the inputs of the
+#    extra heads: ELECTRA (Clark et al., arXiv 2003.10555) and SpanBERT (Joshi et al., arXiv 1907.10529)
 #
-# From a batch of token ids (B, N) and optional word-start flags, all three objectives share one random draw: the same
+# From a batch of token ids (B, N) and optional word-start flags, all objectives share one random draw: the same
 # seed selects the same predicted tokens whatever the objective, so recipes are compared on equal footing.
-#   1. P = round(pred_ratio * N), one P for the batch (capped so every row has P predictable tokens)
-#   2. a permutation per row whose last P entries are predictable tokens (never special, never padding),
-#      at token level or whole-word level (words permuted as units, then the predicted block reshuffled token-wise)
-#   3. 80/10/10 corruption of the P predicted tokens, drawn once (both mask copies of MPNet share it)
+#   1. masking units: single tokens, whole words, or SpanBERT spans of whole words
+#   2. a budget per row, round(pred_ratio x its non-pad tokens), and a random order of the units: the last units are
+#      predicted, whole units only, the unit cut by the budget kept or dropped, whichever is nearer the budget
+#   3. the predicted block reshuffled token by token: the order of prediction (see permute)
+#   4. 80/10/10 corruption of the predicted tokens, drawn once (both MPNet mask copies share it; once per span)
+# Rows may predict different numbers of tokens (padding; whole units): the batch holds P = the largest count and a
+# row with fewer starts its predicted block with fillers, whose target is IGNORE and which the two-stream layout fills
+# with padding, never a key. With a uniform count (no padding, token units) the layout is exactly MPNet's.
+
+IGNORE = -100  # target of a filler slot (F.cross_entropy's ignore_index)
 
 
 def predictable(input_ids, cfg):
@@ -513,57 +662,202 @@ def predictable(input_ids, cfg):
     return ~special[input_ids]
 
 
-def permute(input_ids, cfg, generator, word_starts=None):
-    """Returns (perm (B, N), P): perm[:, :C] non-predicted, perm[:, C:] predicted in prediction order."""
+def token_loss(logits, targets):
+    """Mean cross-entropy over the targets that are not IGNORE, in fp32 as fairseq, and the accuracy on them."""
+    logits, valid = logits.float(), targets != IGNORE
+    n = valid.sum().clamp(min=1)
+    loss = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="sum") / n
+    return loss, ((logits.argmax(-1) == targets) & valid).sum() / n
+
+
+def truncated_geometric(shape, p, max_len, generator):
+    """Span lengths l in 1..max_len with P(l) proportional to p (1 - p)^(l - 1) (SpanBERT Sec. 3.1), by inverting the
+    CDF F(l) = (1 - q^l) / (1 - q^max_len), q = 1 - p. Mean for p = 0.2, max_len = 10: 3.80 words."""
+    q = 1.0 - p
+    u = torch.rand(shape, generator=generator, device=generator.device)
+    return torch.ceil(torch.log1p(-u * (1 - q ** max_len)) / math.log(q)).long().clamp(1, max_len)
+
+
+def masking_units(input_ids, cfg, generator, word_starts=None):
+    """(B, N) the unit each token belongs to, numbered left to right: the token itself ("token"), its word ("word"),
+    or its span of whole words ("span")."""
+    B, N = input_ids.shape
+    if cfg.masking == "token":
+        return torch.arange(N, device=input_ids.device).expand(B, N)
+    if word_starts is None:
+        raise ValueError(f"masking={cfg.masking!r} needs word-start flags (data.Batches yields them); pass "
+                         f"word_starts or use masking='token'")
+    starts = word_starts.clone()
+    starts[:, 0] = True
+    word = starts.long().cumsum(1) - 1  # (B, N) index of each token's word
+    if cfg.masking == "word":
+        return word
+    # SpanBERT draws a length, then an anchor, until the budget is spent. We cut every row into consecutive spans of
+    # drawn lengths instead and let permute pick spans at random: the picked spans have the same length distribution,
+    # and the pick stays one vectorised sort. A row has at most N words, and N spans of >= 1 word cover them.
+    lengths = truncated_geometric((B, N), cfg.span_p, cfg.span_max, generator)
+    first_word = (lengths.cumsum(1) - lengths).clamp(max=N)  # (B, N) first word of each span
+    span_start = torch.zeros(B, N + 1, dtype=torch.long, device=input_ids.device).scatter_(1, first_word, 1)
+    return (span_start[:, :N].cumsum(1) - 1).gather(1, word)  # span of each word, then of each token
+
+
+def permute(input_ids, unit, cfg, generator):
+    """Returns (order (B, N), n_pred (B,)): order lists a row's original positions, its non-predicted tokens first
+    and its n_pred[b] predicted tokens last, in prediction order."""
     B, N = input_ids.shape
     ok = predictable(input_ids, cfg)
-    P = min(round(cfg.pred_ratio * N), int(ok.sum(1).min()))
-    if P < 1:
-        raise ValueError("a row has no predictable token (all special or padding), or pred_ratio * N rounds to 0")
-    score = torch.rand(B, N, generator=generator, device=generator.device)
-    if cfg.whole_word and word_starts is not None:
-        word_starts = word_starts.clone()
-        word_starts[:, 0] = True
-        word_id = word_starts.long().cumsum(1) - 1  # (B, N): index of the word each token belongs to
-        score = score.gather(1, word_id)  # one random score per word: its tokens move together
-    score = torch.where(ok, score, -1.0)  # unpredictable tokens sort first: never in the last P
-    perm = torch.sort(score, dim=1, stable=True).indices  # stable keeps a word's tokens in order
-    # Re-shuffle the predicted block at token level (MPNet does this after whole-word permutation)
-    shuffle = torch.rand(B, P, generator=generator, device=generator.device).argsort(1)
-    perm = torch.cat([perm[:, :N - P], perm[:, N - P:].gather(1, shuffle)], 1)
-    return perm, P
+    budget = torch.minimum((cfg.pred_ratio * (input_ids != cfg.pad_id).sum(1)).round().long(), ok.sum(1))
+    if int(budget.min()) < 1:
+        raise ValueError("a row has no predictable token (all special or padding), or pred_ratio x its length "
+                         "rounds to 0")
+    score = torch.rand(B, N, generator=generator, device=generator.device).gather(1, unit)  # one score per unit
+    score = torch.where(ok, score, -1.0)  # unpredictable tokens sort first: never predicted
+    order = torch.sort(score, dim=1, stable=True).indices  # stable: a unit's tokens stay together, in order
+    # Whole units: the unit that the budget boundary cuts is predicted if at least half of it lies inside the budget
+    # (or if nothing else would be), else it stays visible. So no word or span is ever half hidden.
+    rank = torch.arange(N, device=input_ids.device).expand(B, N)
+    cut = (N - budget)[:, None]  # (B, 1) first predicted rank, before rounding to whole units
+    sorted_unit = unit.gather(1, order)
+    same = (sorted_unit == sorted_unit.gather(1, cut)) & ok.gather(1, order)  # the ranks of the cut unit
+    first = torch.where(same, rank, N).amin(1, keepdim=True)
+    last = torch.where(same, rank, -1).amax(1, keepdim=True) + 1
+    cut = torch.where((last - cut >= cut - first) | (last == N), first, last)
+    n_pred = N - cut[:, 0]
+    # The predicted block is reshuffled token by token, as MPNet does after its whole-word permutation: the unit
+    # decides what is hidden, the token order decides what each prediction may see. So a span's tokens are predicted
+    # in random order, each seeing those predicted before it: PLM's output dependency inside the span too.
+    P = int(n_pred.max())
+    shuffle = torch.rand(B, P, generator=generator, device=generator.device)
+    key = torch.where(rank >= cut, 1 + shuffle.gather(1, (rank - cut).clamp(0, P - 1)), rank / N)
+    return order.gather(1, key.argsort(dim=1, stable=True)), n_pred
 
 
-def corrupt(targets, cfg, generator):
-    """BERT's 80/10/10 (Devlin et al. arXiv 1810.04805 Sec. 3.1): [MASK], random non-special token, or unchanged."""
-    u = torch.rand(targets.shape, generator=generator, device=generator.device)
+def corrupt(targets, cfg, generator, u=None):
+    """BERT's 80/10/10 (Devlin et al. arXiv 1810.04805 Sec. 3.1): [MASK], random non-special token, or unchanged.
+    u: the uniform draw deciding it, when tokens share one (SpanBERT decides once per span)."""
+    if u is None:
+        u = torch.rand(targets.shape, generator=generator, device=generator.device)
     normal = predictable(torch.arange(cfg.vocab_size, device=targets.device)[None], cfg)[0].nonzero()[:, 0]
     rand_tok = normal[torch.randint(len(normal), targets.shape, generator=generator, device=generator.device)]
     out = torch.where(u < cfg.mask_prob + cfg.random_prob, rand_tok, targets)
     return torch.where(u < cfg.mask_prob, cfg.mask_id, out)
 
 
+def span_boundaries(input_ids, is_pred, pred, valid, row_of, cfg):
+    """SBO inputs (SpanBERT Sec. 3.2). A span is a maximal run of predicted positions (adjacent spans merge, as in
+    SpanBERT), so both boundaries x_{s-1}, x_{e+1} are non-predicted tokens, whose rows never see predicted content
+    in any layout (the two-stream masks of section 4; MLM hides the span). Targets at rows whose span touches the
+    row's edge or padding, or lies SBO_MAX_OFFSET or more tokens from the left boundary, are IGNORE.
+    Returns sbo_left / sbo_right (B, P): encoder rows of the boundaries, sbo_offset, sbo_targets."""
+    B, N = input_ids.shape
+    pos = torch.arange(N, device=input_ids.device).expand(B, N)
+    left = torch.where(is_pred, -1, pos).cummax(1).values.gather(1, pred)  # last non-predicted position <= pred
+    right = torch.where(is_pred, N, pos).flip(1).cummin(1).values.flip(1).gather(1, pred)  # first one >= pred
+    left_c, right_c = left.clamp(min=0), right.clamp(max=N - 1)
+    offset = pred - left - 1  # 0 for a span's first token
+    ok = valid & (left >= 0) & (right < N) & (offset < SBO_MAX_OFFSET) \
+        & (input_ids.gather(1, left_c) != cfg.pad_id) & (input_ids.gather(1, right_c) != cfg.pad_id)
+    return dict(sbo_left=row_of.gather(1, left_c), sbo_right=row_of.gather(1, right_c),
+                sbo_offset=offset.clamp(0, SBO_MAX_OFFSET - 1), sbo_targets=torch.where(ok, input_ids.gather(1, pred),
+                                                                                        IGNORE))
+
+
 def make_batch(input_ids, cfg, generator, word_starts=None, objective=None):
-    """Build the model input for objective "mpnet" | "plm" | "mlm" (default cfg.objective) from (B, N) token ids.
-    Returns a dict with "kind", "input_ids", "targets" (B, P) and "positions" (two-stream) or "pred_positions" (MLM)."""
+    """Build the model input for objective "mpnet" | "plm" | "mlm" (default cfg.objective) from (B, N) token ids, with
+    the inputs of the ELECTRA and SBO heads when cfg.rtd / cfg.sbo. Returns a dict with "kind", "input_ids",
+    "targets" (B, P) (IGNORE at fillers) and "positions" (two-stream) or "pred_positions" (MLM); see rtd_inputs."""
     objective = objective or cfg.objective
-    perm, P = permute(input_ids, cfg, generator, word_starts)
-    pred = perm[:, -P:]  # (B, P) original positions of the predicted tokens
-    targets = input_ids.gather(1, pred)  # original tokens, never corrupted
-    masked = corrupt(targets, cfg, generator)  # drawn once, shared by both copies
-    content = input_ids.gather(1, perm)  # (B, N) permuted sentence, predicted tokens uncorrupted
-    if objective == "mpnet":  # [content N | mask copies P | query P], positions compensated
-        return dict(kind="mpnet", input_ids=torch.cat([content, masked, masked], 1),
-                    positions=torch.cat([perm, pred, pred], 1), targets=targets)
-    if objective == "plm":  # XLNet-style: only the queries, all plain [MASK] (as in MPNet's plm mode)
-        return dict(kind="plm", input_ids=torch.cat([content, torch.full_like(masked, cfg.mask_id)], 1),
-                    positions=torch.cat([perm, pred], 1), targets=targets)
+    if objective not in ("mpnet", "plm", "mlm"):
+        raise ValueError(f"unknown objective {objective!r}; use 'mpnet', 'plm' or 'mlm'")
+    B, N = input_ids.shape
+    if N > cfg.max_len:
+        raise ValueError(f"a sequence of {N} tokens exceeds max_len={cfg.max_len} of this model")
+    unit = masking_units(input_ids, cfg, generator, word_starts)
+    order, n_pred = permute(input_ids, unit, cfg, generator)
+    P, W = int(n_pred.max()), N - int(n_pred.min())  # predicted block width; non-predicted block width
+    pred = order[:, N - P:]  # (B, P) original positions; a row with n_pred < P starts with non-predicted fillers
+    valid = torch.arange(P, device=input_ids.device) >= (P - n_pred)[:, None]  # (B, P) real predictions
+    is_pred = torch.zeros_like(input_ids, dtype=torch.bool).scatter(1, pred, valid)  # (B, N) in original order
+    targets = torch.where(valid, input_ids.gather(1, pred), IGNORE)  # original tokens, never corrupted
+    u = torch.rand(B, N, generator=generator, device=generator.device).gather(1, unit.gather(1, pred)) \
+        if cfg.masking == "span" else None  # SpanBERT: one 80/10/10 decision per span
+    masked = torch.where(valid, corrupt(targets, cfg, generator, u), cfg.pad_id)  # drawn once, shared by both copies
     if objective == "mlm":  # BERT: corrupt in place, natural order
-        batch = dict(kind="mlm", input_ids=input_ids.scatter(1, pred, masked), pred_positions=pred, targets=targets)
+        batch = dict(kind="mlm", input_ids=input_ids.scatter(1, pred, torch.where(valid, masked, input_ids.gather(
+            1, pred))), pred_positions=pred, targets=targets)
         if (input_ids == cfg.pad_id).any():
             batch["attention_mask"] = (input_ids != cfg.pad_id).long()
-        return batch
-    raise ValueError(f"unknown objective {objective!r}; use 'mpnet', 'plm' or 'mlm'")
+        row_of = torch.arange(N, device=input_ids.device).expand(B, N)  # encoder row of each position
+    else:
+        # Content stream [non-predicted block, W | predicted block, P]: a row predicting n < P tokens has P - n pads at
+        # the start of its predicted block and n - min(n_pred) pads at the end of its non-predicted block.
+        rank = torch.arange(N, device=input_ids.device).expand(B, N)
+        slot = rank + (W + P - N) * (rank >= N - n_pred[:, None])  # (B, N) content slot of each rank
+        row_of = torch.empty_like(order).scatter_(1, order, slot)  # (B, N) content slot of each original position
+        content = torch.full((B, W + P), cfg.pad_id, dtype=input_ids.dtype, device=input_ids.device)
+        content = content.scatter(1, slot, input_ids.gather(1, order))  # permuted sentence, predicted uncorrupted
+        positions = torch.zeros_like(content).scatter(1, slot, order)
+        if objective == "mpnet":  # [content | mask copies P | query P], positions compensated
+            batch = dict(kind="mpnet", input_ids=torch.cat([content, masked, masked], 1),
+                         positions=torch.cat([positions, pred, pred], 1), targets=targets)
+        else:  # plm, XLNet-style: only the queries, all plain [MASK] (as in MPNet's plm mode)
+            batch = dict(kind="plm", input_ids=torch.cat([content, torch.where(valid, cfg.mask_id, cfg.pad_id)], 1),
+                         positions=torch.cat([positions, pred], 1), targets=targets)
+    if cfg.sbo:
+        batch.update(span_boundaries(input_ids, is_pred, pred, valid, row_of, cfg))
+    if cfg.rtd:
+        batch.update(rtd_inputs(input_ids, batch, is_pred, pred, valid, row_of, masked, W, cfg, generator))
+    return batch
+
+
+# ELECTRA's replaced-token detection, two ways (objectives.md Sec. 2 and 2b):
+#   mlm + rtd, classic ELECTRA: the generator reads the masked sentence and fills in the predicted positions; the main
+#       model (the discriminator) reads the original sentence with those samples, in natural order, and labels every
+#       real token. It has no LM loss, as in the paper.
+#   mpnet + rtd, MPNext's one-pass design ("C"; no paper has it): MPNet's two-stream input, with rtd_ratio of the
+#       NON-predicted tokens (a set disjoint from the predicted ones) replaced by generator samples. One pass gives:
+#
+#       rows of the main input      what they hold                        loss
+#       non-predicted content       original tokens, some replaced       RTD (binary: replaced or not)
+#       predicted content p_k       original tokens                      none (autoregressive keys for the queries)
+#       mask copies m_k             80/10/10 corruption                  none (MLM with --return-mlm)
+#       query rows q_k              the same                             permuted LM on the ORIGINAL tokens
+#
+#       The generator must not see what the non-predicted rows may not see, or its samples would smuggle predicted
+#       content into them: it reads the sentence with the predicted tokens as their mask copies (mpnet) or hidden
+#       from every key (plm), and the replaced set as 80/10/10 corrupted, and predicts the replaced set.
+#   plm + rtd: the same without position compensation.
+
+
+def rtd_inputs(input_ids, batch, is_pred, pred, valid, row_of, masked, W, cfg, generator):
+    """Generator input gen_ids / gen_attention_mask (B, N), natural order; the replaced set: rtd_positions (B, R) in
+    gen_ids, rtd_slots (B, R) in input_ids, rtd_targets (B, R) (IGNORE at fillers); the uniforms rtd_u (B, R) for
+    sampling; rtd_scored (B, rows): the rows the discriminator labels."""
+    B, N = input_ids.shape
+    not_pad = input_ids != cfg.pad_id
+    if batch["kind"] == "mlm":  # classic ELECTRA
+        out = dict(gen_ids=batch.pop("input_ids"), gen_attention_mask=not_pad.long(), rtd_positions=pred,
+                   rtd_slots=pred, rtd_targets=batch.pop("targets"), rtd_scored=not_pad, input_ids=input_ids)
+        del batch["pred_positions"]
+    else:
+        cand = predictable(input_ids, cfg) & ~is_pred
+        n_rep = (cfg.rtd_ratio * cand.sum(1)).round().long()  # (B,) replaced tokens per row
+        R = int(n_rep.max())
+        if R < 1:
+            raise ValueError(f"rtd_ratio={cfg.rtd_ratio} replaces no token of these rows; raise it")
+        # distinct positions per row: the picked candidates, then fillers (unpicked positions, targets IGNORE)
+        pick = torch.where(cand, torch.rand(B, N, generator=generator, device=generator.device), 2.0).argsort(1)[:, :R]
+        rvalid = torch.arange(R, device=input_ids.device) < n_rep[:, None]
+        targets = torch.where(rvalid, input_ids.gather(1, pick), IGNORE)
+        seen = masked if batch["kind"] == "mpnet" else torch.full_like(masked, cfg.mask_id)  # what pred. slots hold
+        gen_ids = input_ids.scatter(1, pred, torch.where(valid, seen, input_ids.gather(1, pred)))
+        gen_ids = gen_ids.scatter(1, pick, torch.where(rvalid, corrupt(targets, cfg, generator), gen_ids.gather(1, pick)))
+        keys = not_pad & ~is_pred if batch["kind"] == "plm" else not_pad  # PLM's content rows see no predicted slot
+        scored = batch["input_ids"][:, :W] != cfg.pad_id  # the non-predicted block of the content stream
+        out = dict(gen_ids=gen_ids, gen_attention_mask=keys.long(), rtd_positions=pick, rtd_slots=row_of.gather(1, pick),
+                   rtd_targets=targets, rtd_scored=scored)
+    out["rtd_u"] = torch.rand(out["rtd_targets"].shape, generator=generator, device=generator.device)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -360,7 +360,7 @@ def test_base_preset_is_mpnet_base():
 
 
 def test_builders_are_deterministic_under_a_seed():
-    cfg = tiny_cfg(whole_word=True)
+    cfg = tiny_cfg(masking="word")
     ids = random_ids(4, 30, cfg=cfg)
     ws = torch.rand(4, 30, generator=gen(9)) < 0.6
     for o in ("mpnet", "plm", "mlm"):
@@ -425,7 +425,7 @@ def test_plm_batch_feeds_plain_masks():
 
 
 def test_whole_word_permutation_keeps_words_together():
-    cfg = tiny_cfg(whole_word=True, pred_ratio=0.3)
+    cfg = tiny_cfg(masking="word", pred_ratio=0.3)
     B, N = 50, 40
     ids = random_ids(B, N, cfg=cfg)
     ws = torch.rand(B, N, generator=gen(1)) < 0.4
@@ -447,8 +447,8 @@ def test_loss_and_return_mlm():
     model = tiny_model(return_mlm=True)
     b = make_batch(random_ids(2, 20, cfg=cfg), cfg, gen(0))
     loss, metrics = model.loss(b)
-    assert "mlm_loss" in metrics and torch.allclose(loss, metrics["loss"] + metrics["mlm_loss"])
-    assert abs(metrics["loss"].item() - math.log(cfg.vocab_size)) < 0.5  # untrained: about log V
+    assert torch.allclose(loss, metrics["lm_loss"] + metrics["mlm_loss"]) and torch.equal(loss.detach(), metrics["loss"])
+    assert abs(metrics["lm_loss"].item() - math.log(cfg.vocab_size)) < 0.5  # untrained: about log V
 
 
 @pytest.mark.parametrize("objective", ["mpnet", "plm", "mlm"])
@@ -465,6 +465,255 @@ def test_tiny_model_overfits_one_batch(objective):
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# extra heads: ELECTRA replaced-token detection, SpanBERT span masking and span boundary objective
+
+COMBOS = [(o, m, r, s) for o in ("mlm", "plm", "mpnet") for m in ("token", "word", "span") for r in (False, True)
+          for s in (False, True)]
+
+
+def word_starts(B, N, seed=1):
+    ws = torch.rand(B, N, generator=gen(seed)) < 0.6
+    ws[:, 0] = True
+    return ws
+
+
+@pytest.mark.parametrize("objective,masking,rtd,sbo", COMBOS)
+def test_every_combination_trains_or_is_refused(objective, masking, rtd, sbo):
+    kw = dict(objective=objective, masking=masking, rtd=rtd, sbo=sbo)
+    if objective == "mlm" and rtd and sbo:  # the one refusal: the discriminator's boundary rows would see the span
+        with pytest.raises(ValueError, match="leak the span") as e:
+            tiny_model(**kw)
+        assert "\n" not in str(e.value)
+        return
+    cfg, model = tiny_cfg(**kw), tiny_model(**kw).train()
+    ids = random_ids(4, 32, cfg=cfg)
+    ids[:, 0] = 0
+    ids[3, 24:] = cfg.pad_id  # a padded row: fewer predictions, fillers in the layout
+    batch = make_batch(ids, cfg, gen(1), word_starts(4, 32))  # one fixed batch
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss, metrics = model.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.8 * losses[0], losses
+    assert ("gen_loss" in metrics) == rtd and ("sbo_loss" in metrics) == sbo
+    assert ("lm_loss" in metrics) == (not (objective == "mlm" and rtd))  # ELECTRA's discriminator has no LM loss
+
+
+def test_truncated_geometric_span_lengths():
+    p, L = 0.2, 10
+    probs = torch.tensor([p * (1 - p) ** (k - 1) for k in range(1, L + 1)])
+    probs /= probs.sum()
+    mean = (probs * torch.arange(1, L + 1)).sum().item()
+    assert abs(mean - 3.797) < 0.001  # SpanBERT: "mean 3.8"
+    draws = mpnext.truncated_geometric((200_000,), p, L, gen(0))
+    assert draws.min() == 1 and draws.max() == L
+    freq = torch.bincount(draws, minlength=L + 1)[1:].float() / len(draws)
+    assert (freq - probs).abs().max() < 0.005
+    assert abs(draws.float().mean().item() - 3.8) < 0.2
+
+
+def test_span_masking_whole_spans_within_budget():
+    """Predicted spans: whole words only, lengths (in words) ~ the truncated geometric, about 15% of each row."""
+    cfg = tiny_cfg(masking="span", max_len=512)
+    B, N = 64, 512
+    ids = random_ids(B, N, cfg=cfg)
+    ws = word_starts(B, N)
+    batch = make_batch(ids, cfg, gen(2), ws, objective="mlm")
+    word = ws.long().cumsum(1) - 1
+    valid = batch["targets"] != mpnext.IGNORE
+    is_pred = torch.zeros(B, N, dtype=torch.bool).scatter(1, batch["pred_positions"], valid)
+    n_pred = is_pred.sum(1)
+    for r in range(B):  # never a piece of a word
+        for w in word[r].unique():
+            member = is_pred[r][word[r] == w]
+            assert member.all() or not member.any()
+    assert abs(n_pred.float().mean().item() / N - 0.15) < 0.01
+    assert (n_pred - round(0.15 * N)).abs().max() <= 30  # at most about half of one long span off the budget
+    # the chosen spans: units fully predicted, not cut by the row's end; their length in words
+    unit = mpnext.masking_units(ids, cfg, gen(2), ws)  # the same first draw as make_batch
+    lengths = []
+    for r in range(B):
+        for u in unit[r].unique()[:-1]:
+            member = unit[r] == u
+            if is_pred[r][member].all():
+                lengths.append(len(word[r][member].unique()))
+    assert len(lengths) > 500 and abs(sum(lengths) / len(lengths) - 3.8) < 0.2
+
+
+def test_span_corruption_is_decided_once_per_span():
+    cfg = tiny_cfg(masking="span", pred_ratio=0.3, max_len=256)
+    ids = random_ids(32, 256, cfg=cfg)
+    ws = word_starts(32, 256)
+    b = make_batch(ids, cfg, gen(3), ws, objective="mlm")
+    unit = mpnext.masking_units(ids, cfg, gen(3), ws)
+    fed, t, pos = b["input_ids"].gather(1, b["pred_positions"]), b["targets"], b["pred_positions"]
+    kind = torch.where(fed == cfg.mask_id, 0, torch.where(fed == t, 1, 2))  # mask / kept / random (or equal by chance)
+    mixed = 0
+    for r in range(32):
+        units = unit[r].gather(0, pos[r])
+        for u in units[t[r] != mpnext.IGNORE].unique():
+            k = kind[r][(units == u) & (t[r] != mpnext.IGNORE)]
+            mixed += bool((k == 0).any()) != bool((k == 0).all())  # [MASK] for all of a span or for none of it
+    assert mixed == 0
+    assert abs((kind[t != mpnext.IGNORE] == 0).float().mean().item() - 0.8) < 0.06
+
+
+def test_word_masking_without_word_starts_is_an_error():
+    with pytest.raises(ValueError, match="word-start flags"):
+        make_batch(random_ids(2, 20), tiny_cfg(masking="word"), gen(0))
+
+
+def test_each_row_predicts_its_own_share():
+    """Rows of very different lengths: each predicts round(0.15 x its real tokens), padding never predicted."""
+    cfg = tiny_cfg(max_len=128)
+    ids = random_ids(3, 128, cfg=cfg)
+    ids[0, 10:] = cfg.pad_id
+    ids[1, 60:] = cfg.pad_id
+    for objective in ("mlm", "plm", "mpnet"):
+        b = make_batch(ids, cfg, gen(0), objective=objective)
+        valid = b["targets"] != mpnext.IGNORE
+        assert valid.sum(1).tolist() == [round(0.15 * 10), round(0.15 * 60), round(0.15 * 128)]
+        assert not torch.isin(b["targets"][valid], torch.tensor(cfg.special_ids)).any()
+
+
+def electra_batch(cfg, ids, seed=0, objective=None):
+    return make_batch(ids, cfg, gen(seed), word_starts(*ids.shape), objective=objective)
+
+
+@pytest.mark.parametrize("objective", ["mlm", "mpnet", "plm"])
+def test_rtd_labels_follow_token_inequality(objective):
+    """A sample equal to the original is labelled original; every other replaced slot is labelled replaced."""
+    cfg = tiny_cfg(rtd=True, objective=objective, mask_prob=1.0, random_prob=0.0)
+    model = tiny_model(rtd=True, objective=objective)
+    ids = torch.full((4, 40), 50)
+    ids[:, 0] = 0
+    batch = electra_batch(cfg, ids)
+    for favourite, expect_replaced in ((50, False), (60, True)):
+        with torch.no_grad():
+            model.generator.head_bias.zero_()
+            model.generator.head_bias[favourite] = 100.0  # the generator samples `favourite` everywhere
+        new_ids, replaced = model.replace_tokens(batch, {}, {})
+        assert torch.equal(replaced, new_ids != batch["input_ids"])  # labels == the token changed
+        n_slots = (batch["rtd_targets"] != mpnext.IGNORE).sum()
+        assert replaced.sum() == (n_slots if expect_replaced else 0) and n_slots > 0
+
+
+def test_rtd_samples_are_never_special():
+    cfg = tiny_cfg(rtd=True)
+    model = tiny_model(rtd=True)
+    with torch.no_grad():
+        model.generator.head_bias[list(cfg.special_ids)] = 100.0  # the generator wants specials most
+    batch = electra_batch(cfg, random_ids(8, 40, cfg=cfg))
+    new_ids, replaced = model.replace_tokens(batch, {}, {})
+    slots = batch["rtd_slots"][batch["rtd_targets"] != mpnext.IGNORE]
+    rows = torch.arange(8)[:, None].expand_as(batch["rtd_slots"])[batch["rtd_targets"] != mpnext.IGNORE]
+    assert not torch.isin(new_ids[rows, slots], torch.tensor(cfg.special_ids)).any()
+
+
+@pytest.mark.parametrize("objective", ["mlm", "mpnet"])
+def test_generator_gets_no_gradient_from_the_discriminator(objective):
+    """The generator's own weights get the same gradient whatever rtd_weight is: none comes from the disc loss.
+    (The shared embeddings do get both, as in ELECTRA.)"""
+    grads = []
+    for w in (1.0, 100.0):
+        cfg = tiny_cfg(rtd=True, rtd_weight=w, objective=objective)
+        model = tiny_model(rtd=True, rtd_weight=w, objective=objective)
+        loss, _ = model.loss(electra_batch(cfg, random_ids(4, 40, cfg=cfg)))
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    own = [n for n in grads[0] if n.startswith("generator.")]
+    assert own and all(torch.equal(grads[0][n], grads[1][n]) for n in own)
+    assert not torch.allclose(grads[0]["disc.dense.weight"], grads[1]["disc.dense.weight"])
+    assert not torch.allclose(grads[0]["tok_emb.weight"], grads[1]["tok_emb.weight"])
+
+
+def head_outputs(model, batch, kind):
+    """Everything the heads compute, row by row: query logits, discriminator logits, SBO logits."""
+    P = batch["targets"].shape[1]
+    ids = model.replace_tokens(batch, {}, {})[0] if "rtd_targets" in batch else batch["input_ids"]
+    h = model.two_stream_encode(ids, batch["positions"], P, kind)
+    out = {"query": model.lm_head(h[:, -P:])}
+    if "rtd_scored" in batch:
+        out["disc"] = model.disc(h[:, :batch["rtd_scored"].shape[1]])
+    rows = [h.gather(1, batch[k][..., None].expand(-1, -1, h.size(-1))) for k in ("sbo_left", "sbo_right")]
+    out["sbo"] = F.linear(model.sbo(*rows, batch["sbo_offset"]), model.tok_emb.weight, model.sbo.bias)
+    return out
+
+
+@pytest.mark.parametrize("kind,rtd", [("mpnet", True), ("plm", True), ("mpnet", False), ("plm", False)])
+def test_heads_keep_the_leakage_guarantee(kind, rtd):
+    """Change the original token of the k-th prediction and rebuild the batch with the same seed (mask copies all
+    [MASK], so only content changes): query outputs 1..k, every discriminator logit and every SBO logit stay the
+    same, through the generator, its samples and the span boundaries; later queries change."""
+    kw = dict(objective=kind, masking="span", rtd=rtd, sbo=True, mask_prob=1.0, random_prob=0.0, n_layer=3)
+    cfg, model = tiny_cfg(**kw), tiny_model(**kw)
+    ids = random_ids(2, 48, cfg=cfg)
+    ids[:, 0] = 0
+    ws = word_starts(2, 48)
+    batch = make_batch(ids, cfg, gen(4), ws)
+    P = batch["targets"].shape[1]
+    pred, valid = batch["positions"][:, -P:], batch["targets"] != mpnext.IGNORE
+    assert (batch["sbo_targets"] != mpnext.IGNORE).sum() > 0 and not valid.all()  # fillers in the layout too
+    with torch.no_grad():
+        before = head_outputs(model, batch, kind)
+        for k in range(P):  # rows whose slot k is a filler (a visible token) keep their tokens
+            other = ids.gather(1, pred[:, k:k + 1]) % 100 + 5  # another ordinary token
+            ids2 = ids.scatter(1, pred[:, k:k + 1], torch.where(valid[:, k:k + 1], other, ids.gather(1, pred[:, k:k + 1])))
+            b2 = make_batch(ids2, cfg, gen(4), ws)
+            assert torch.equal(b2["positions"], batch["positions"])  # the same draw: same layout
+            after = head_outputs(model, b2, kind)
+            assert torch.equal(before["query"][:, :k + 1], after["query"][:, :k + 1]), k
+            if k + 1 < P and valid[:, k].any():
+                assert (before["query"][:, k + 1:] - after["query"][:, k + 1:]).abs().amax() > 1e-4
+            for head in ("disc", "sbo"):
+                if head in before:
+                    assert torch.equal(before[head], after[head]), (head, k)
+
+
+def test_sbo_boundaries_are_never_predicted():
+    cfg = tiny_cfg(masking="span", sbo=True, pred_ratio=0.3)
+    ids = random_ids(8, 60, cfg=cfg)
+    ws = word_starts(8, 60)
+    for objective in ("mlm", "mpnet", "plm"):
+        b = make_batch(ids, cfg, gen(5), ws, objective=objective)
+        ok = b["sbo_targets"] != mpnext.IGNORE
+        P = b["targets"].shape[1]
+        if objective == "mlm":
+            is_pred = torch.zeros(8, 60, dtype=torch.bool).scatter(1, b["pred_positions"], b["targets"] != mpnext.IGNORE)
+            rows = torch.arange(8)[:, None].expand_as(ok)[ok]
+            assert not is_pred[rows, b["sbo_left"][ok]].any() and not is_pred[rows, b["sbo_right"][ok]].any()
+        else:
+            W = b["input_ids"].shape[1] - (3 if objective == "mpnet" else 2) * P
+            assert (b["sbo_left"][ok] < W).all() and (b["sbo_right"][ok] < W).all()  # non-predicted content rows
+        assert ok.sum() > 0.5 * (b["targets"] != mpnext.IGNORE).sum()
+
+
+def test_models_with_heads_export_their_main_encoder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(3, rtd=True, sbo=True, vocab_size=130, mask_id=129, special_ids=(0, 1, 2, 3, 129))
+    model.to_hf(tmp_path)
+    hf = transformers.MPNetForMaskedLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(4, 129, (2, 21), generator=gen(5))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, model(ids), atol=1e-5, rtol=0)
+    back = MPNext.from_hf(hf, mask_id=129, rtd=True, sbo=True)  # fresh heads around the imported encoder
+    assert hasattr(back, "generator") and hasattr(back, "sbo")
+
+
+def test_generator_shares_the_embeddings():
+    model = tiny_model(rtd=True)
+    g = model.generator
+    assert g.tok_emb is model.tok_emb and g.pos_emb is model.pos_emb and g.emb_ln is model.emb_ln
+    assert g.cfg.d_model == 8 and g.cfg.n_layer == model.cfg.n_layer and g.cfg.d_ff == 32
+    assert isinstance(g.emb_proj, nn.Linear) and g.head_dense.out_features == model.cfg.d_model
+    assert mpnext.generator_config(tiny_cfg(d_model=768, n_head=12)).n_head == 3  # 192 wide, heads of 64
 
 
 def test_lr_multiplier():
@@ -723,16 +972,19 @@ def test_train_end_to_end_loss_falls_and_checkpoint_roundtrips(tmp_path, capsys)
     assert model.cfg.vocab_size == tok.vocab_size and model.cfg.mask_id == tok.mask_id
 
 
-@pytest.mark.parametrize("opt", ["adamw", "ranger", "ranger21"])
-def test_resume_equals_uninterrupted_run(tmp_path, opt):
-    straight = run_train(tmp_path, "--max-steps", "8", "--eval-every", "4", "--optimizer", opt, out="a")
-    run_train(tmp_path, "--max-steps", "4", "--schedule-steps", "8", "--eval-every", "4", "--optimizer", opt, out="b")
+@pytest.mark.parametrize("opt,heads", [("adamw", ()), ("ranger", ()), ("ranger21", ()),
+                                       ("adamw", ("--rtd", "--masking", "span", "--sbo"))])
+def test_resume_equals_uninterrupted_run(tmp_path, opt, heads):
+    straight = run_train(tmp_path, "--max-steps", "8", "--eval-every", "4", "--optimizer", opt, *heads, out="a")
+    run_train(tmp_path, "--max-steps", "4", "--schedule-steps", "8", "--eval-every", "4", "--optimizer", opt, *heads,
+              out="b")
     with open(tmp_path / "b" / "log.jsonl", "a") as f:  # a crash after the checkpoint leaves rows past it
         f.write(json.dumps({"step": 5, "loss": 0.0}) + "\n")
     resumed = run_train(tmp_path, "--max-steps", "8", "--resume", out="b")
     a = torch.load(straight / "ckpt.pt", weights_only=True)
     b = torch.load(resumed / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 8
+    assert any(k.startswith("generator.") for k in a["model"]) == bool(heads)  # the generator is checkpointed
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k  # bitwise on CPU
     assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(resumed)]
@@ -764,7 +1016,8 @@ def test_cli_user_errors_are_one_line(tmp_path):
              (["--data", "latin1.txt"], "UTF-8"), (["--data", "short.txt", "--vocab", "300"], "shorter than one block"),
              (["--preset", "enormous"], "unknown preset"), (["--resume", "--out-dir", "nowhere"], "ckpt.pt"),
              (["--resume", "--out-dir", "junk"], "not a checkpoint"), (["--grad-accum", "0"], "--grad-accum"),
-             (["--n-head", "3"], "multiple of n_head")]
+             (["--n-head", "3"], "multiple of n_head"),
+             (["--objective", "mlm", "--rtd", "--sbo"], "leak the span"), (["--masking", "spans"], "invalid choice")]
     os.makedirs(tmp_path / "junk")
     (tmp_path / "junk" / "ckpt.pt").write_bytes(b"not a checkpoint")
     for args, needle in cases:

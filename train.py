@@ -72,7 +72,7 @@ class TrainConfig:
 
 
 CHOICES = dict(objective=["mpnet", "plm", "mlm"], activation=["gelu", "mish"], decay=["linear", "cosine"],
-               rel_init=["local", "normal"],
+               rel_init=["local", "normal"], masking=["token", "word", "span"],
                optimizer=["adamw", "radam", "ranger", "ranger21"], device=["auto", "cpu", "cuda", "mps"],
                dtype=["auto", "float32", "bfloat16", "float16"])
 FROM_TOKENIZER = {"vocab_size", "pad_id", "mask_id", "special_ids"}  # set by the tokenizer, not by flags
@@ -84,9 +84,14 @@ def field_help(cls):
     return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", src, flags=re.M))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the whole usage first: one line says it
+        self.exit(2, f"error: {message} (python train.py --help lists every flag)\n")
+
+
 def parse_args(argv=None):
     """Returns (train flags, model flags) holding only what the user typed, so --resume can tell them apart."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls in (TrainConfig, mpnext.MPNextConfig):
         group, helps = p.add_argument_group(f"{cls.__name__} fields"), field_help(cls)
         for f in dataclasses.fields(cls):
@@ -166,23 +171,48 @@ def save_atomic(obj, path):
 # evaluation and samples
 
 
+def is_electra(cfg):
+    """Classic ELECTRA: the main model is a discriminator without an LM loss; the generator is the one that fills in."""
+    return cfg.objective == "mlm" and cfg.rtd
+
+
+def mlm_probe(cfg):
+    """The shared score: plain BERT-style MLM (token masking, natural order, no extra heads), the same for every run."""
+    return dataclasses.replace(cfg, objective="mlm", masking="token", rtd=False, sbo=False)
+
+
+def head_summary(m, prefix=""):
+    """The extra heads' numbers in one short string (empty when the run has none)."""
+    parts = []
+    if prefix + "gen_acc" in m:
+        parts.append("rtd: gen_acc {:.3f} replaced {:.3f} disc_acc {:.3f} P {:.3f} R {:.3f}".format(
+            *(m[prefix + k] for k in ("gen_acc", "replaced", "disc_acc", "disc_precision", "disc_recall"))))
+    if prefix + "sbo_loss" in m:
+        parts.append(f"sbo_loss {m[prefix + 'sbo_loss']:.3f} acc {m[prefix + 'sbo_acc']:.3f}")
+    return " | ".join(parts)
+
+
 @torch.no_grad()
 def evaluate(model, batches, cfg, tc, device, autocast):
-    """Validation loss / accuracy on the first eval_batches blocks, with a fixed masking seed so numbers are
-    comparable across evaluations. Also the plain MLM loss (natural order, BERT's context), comparable across
-    objectives: a PLM- or MPNet-trained model is scored on the same predictions as an MLM one."""
+    """Validation metrics of the run's own objective, every head included (val_loss is their weighted sum, val_acc
+    the LM accuracy, val_disc_recall, val_sbo_loss, ...), on the first eval_batches blocks with a fixed masking seed,
+    so numbers compare across evaluations. Also val_mlm_loss / val_mlm_acc, the plain MLM score of mlm_probe, which
+    compares objectives: a PLM- or MPNet-trained model is scored on the same predictions as an MLM one. Classic
+    ELECTRA's discriminator has no LM head to score."""
     model.eval()
     g = torch.Generator().manual_seed(1234)
+    tasks = [("val", cfg)] + ([] if is_electra(cfg) else [("val_mlm", mlm_probe(cfg))])
     sums, n = {}, 0
     for ids, starts in itertools.islice(batches.iterate(), tc.eval_batches):
         state = g.get_state()
-        for name, obj in (("val", cfg.objective), ("val_mlm", "mlm")):
-            g.set_state(state)  # the same predicted tokens for both scores
-            batch = mpnext.make_batch(ids, cfg, g, starts, objective=obj)
+        for name, task_cfg in tasks:
+            g.set_state(state)  # the same draws for both scores (the same predicted tokens for token masking)
+            batch = mpnext.make_batch(ids, task_cfg, g, starts)
             with autocast:
                 _, m = model.loss(to_device(batch, device))
-            sums[f"{name}_loss"] = sums.get(f"{name}_loss", 0.0) + m["loss"].item()
-            sums[f"{name}_acc"] = sums.get(f"{name}_acc", 0.0) + m["acc"].item()
+            for k, v in m.items():
+                if name == "val" or k in ("loss", "acc"):
+                    sums[f"{name}_{k}"] = sums.get(f"{name}_{k}", 0.0) + v.item()
         n += 1
     model.train()
     return {k: v / max(n, 1) for k, v in sums.items()}
@@ -190,22 +220,37 @@ def evaluate(model, batches, cfg, tc, device, autocast):
 
 @torch.no_grad()
 def fill_in_samples(model, tok, batches, cfg, device, n_samples, width=48):
-    """Hide ~15% of the words of a few validation snippets and let the model fill them in (natural order)."""
+    """Hide ~15% of the words of a few validation snippets and let the model fill them in (natural order); after
+    classic ELECTRA, its generator does (the discriminator has no trained LM head)."""
     model.eval()
+    lm = model.generator if is_electra(cfg) else model
     lines = []
     for i, (ids, starts) in enumerate(batches.iterate()):
         if i == n_samples:
             break
         ids, starts = ids[:1, :width], starts[:1, :width]
-        wcfg = dataclasses.replace(cfg, whole_word=True, mask_prob=1.0, random_prob=0.0)
-        batch = mpnext.make_batch(ids, wcfg, torch.Generator().manual_seed(i), starts, objective="mlm")
-        pred = model(batch["input_ids"].to(device)).argmax(-1).cpu()[0]
+        wcfg = dataclasses.replace(mlm_probe(cfg), masking="word", mask_prob=1.0, random_prob=0.0)
+        batch = mpnext.make_batch(ids, wcfg, torch.Generator().manual_seed(i), starts)
+        pred = lm(batch["input_ids"].to(device)).argmax(-1).cpu()[0]
         hidden = set(batch["pred_positions"][0].tolist())
         shown = [f"[{tok.decode([int(pred[j])])}|{tok.decode([int(ids[0, j])])}]" if j in hidden
                  else tok.decode([int(ids[0, j])]) for j in range(1, ids.shape[1])]
         lines.append("  " + "".join(shown).replace("\n", " ").strip())
     model.train()
     return "fill-in samples, [prediction|truth]:\n" + "\n".join(lines)
+
+
+def recipe(cfg):
+    """"mpnet", "mpnet+span+sbo", "mlm+rtd", ...: the objective and what is added to it."""
+    return "+".join([cfg.objective] + [cfg.masking] * (cfg.masking != "token") + ["rtd"] * cfg.rtd + ["sbo"] * cfg.sbo)
+
+
+def score_line(ev):
+    line = f"val_loss {ev['val_loss']:.3f}" + (f" acc {ev['val_acc']:.3f}" if "val_acc" in ev else "")
+    if "val_mlm_loss" in ev:
+        line += f" | val_mlm_loss {ev['val_mlm_loss']:.3f} acc {ev['val_mlm_acc']:.3f}"
+    heads = head_summary(ev, "val_")
+    return line + (" | " + heads if heads else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -265,10 +310,11 @@ def setup(argv=None):
 
 
 def make_optimizer(model, tc):
+    names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+    outputs = [n for n in ("tok_emb", "head_bias", "generator.head_bias", "disc.out", "sbo.bias") if n in names]
     return mpnext.build_optimizer(model, tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay,
                                   betas=(tc.beta1, tc.beta2), eps=tc.eps, lookahead=tc.lookahead, gc=tc.gc,
-                                  num_iterations=tc.schedule_steps or tc.max_steps,
-                                  output_layer_names=("tok_emb", "head_bias"))  # the tied output layer: no AGC
+                                  num_iterations=tc.schedule_steps or tc.max_steps, output_layer_names=outputs)
 
 
 def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
@@ -298,7 +344,7 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
     log = open(log_path, "w")
     log.writelines(kept)
     n_params = model.num_params()
-    print(f"MPNext {cfg.objective} | {n_params / 1e6:.2f}M params | {device} {str(dtype).split('.')[-1]} | "
+    print(f"MPNext {recipe(cfg)} | {n_params / 1e6:.2f}M params | {device} {str(dtype).split('.')[-1]} | "
           f"{len(train_b.stream) / 1e6:.2f}M train tokens | steps {step}->{tc.max_steps}", flush=True)
 
     def checkpoint():
@@ -337,19 +383,20 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
             now = time.time()
             tok_s = (tokens - tok_last) / max(now - t_last, 1e-9)
             t_last, tok_last = now, tokens
-            row = {"step": step, "loss": metrics["loss"].item(), "acc": metrics["acc"].item(),
-                   "lr": lr_now(optimizer, step), "tok_s": round(tok_s)}
+            row = {"step": step, **{k: v.item() for k, v in metrics.items()}, "lr": lr_now(optimizer, step),
+                   "tok_s": round(tok_s)}
             log.write(json.dumps(row) + "\n")
             log.flush()
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{tok_s / 1e3:.1f}k")
+            heads = {k: f"{row[k]:.2f}" for k in ("gen_acc", "replaced", "disc_precision", "disc_recall", "sbo_loss")
+                     if k in row}
+            bar.set_postfix(loss=f"{row['loss']:.3f}", **heads, lr=f"{row['lr']:.2e}", tok_s=f"{tok_s / 1e3:.1f}k")
         if step % tc.eval_every == 0 or step == tc.max_steps:
             with slow_weights(optimizer):  # Lookahead: evaluate the slow weights phi (the fast ones come back)
                 ev = evaluate(model, val_b, cfg, tc, device, autocast)
             best = min(best, ev["val_loss"])
             log.write(json.dumps({"step": step, "loss": metrics["loss"].item(), **ev}) + "\n")
             log.flush()
-            tqdm.write(f"step {step}: val_loss {ev['val_loss']:.3f} acc {ev['val_acc']:.3f} | "
-                       f"val_mlm_loss {ev['val_mlm_loss']:.3f} acc {ev['val_mlm_acc']:.3f}")
+            tqdm.write(f"step {step}: {score_line(ev)}")
             if tc.samples:
                 tqdm.write(fill_in_samples(model, tok, val_b, cfg, device, tc.samples))
             checkpoint()
@@ -357,15 +404,15 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
     log.close()
     minutes = (time.time() - t0) / 60
     if ev:
-        print(f"summary | {cfg.objective} | params {n_params / 1e6:.2f}M | {device} | {minutes:.1f} min | "
-              f"{tokens / max(minutes * 60, 1e-9) / 1e3:.1f}k tok/s | val_loss {ev['val_loss']:.3f} | "
-              f"acc {ev['val_acc']:.3f} | val_mlm_loss {ev['val_mlm_loss']:.3f} | mlm_acc {ev['val_mlm_acc']:.3f}")
+        print(f"summary | {recipe(cfg)} | params {n_params / 1e6:.2f}M | {device} | {minutes:.1f} min | "
+              f"{tokens / max(minutes * 60, 1e-9) / 1e3:.1f}k tok/s | {score_line(ev)}")
     return model, ev
 
 
 def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, steps=10):
     """Side-by-side timings in one process: BPE training and encoding on the corpus, then a full training step
-    (forward, backward, AdamW) of each objective on the same batch, and of HF's MPNetForMaskedLM when installed."""
+    (forward, backward, AdamW) of each objective and head on the same batch, and of HF's MPNetForMaskedLM when
+    installed."""
     text = "\n".join(data.load_documents(tc.data or None))
     mb = len(text.encode()) / 1e6
     t0 = time.perf_counter()
@@ -411,9 +458,12 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, steps=10):
             {"ids": mlm["input_ids"], "labels": labels})
     except ImportError:
         print("transformers is not installed: no HF reference row")
-    for objective in ("mlm", "plm", "mpnet"):
-        batch = mpnext.make_batch(ids, cfg, torch.Generator().manual_seed(0), starts, objective=objective)
-        rows[f"MPNext {objective}"] = seconds_per_step(mpnext.MPNext(cfg), lambda m, b: m.loss(b)[0], batch)
+    plain = dict(masking="token", rtd=False, sbo=False)
+    for variant in (dict(objective="mlm"), dict(objective="plm"), dict(objective="mpnet"), dict(objective="mlm", rtd=True),
+                    dict(objective="mpnet", rtd=True), dict(objective="mpnet", masking="span", sbo=True)):
+        vcfg = dataclasses.replace(cfg, **{**plain, **variant})
+        batch = mpnext.make_batch(ids, vcfg, torch.Generator().manual_seed(0), starts)
+        rows[f"MPNext {recipe(vcfg)}"] = seconds_per_step(mpnext.MPNext(vcfg), lambda m, b: m.loss(b)[0], batch)
     ref = rows.get("HF MPNetForMaskedLM (mlm)")
     print(f"training step | {device} | batch {ids.shape[0]} x {ids.shape[1]} tokens | {steps} steps each")
     for name, sec in rows.items():
