@@ -308,6 +308,19 @@ class SpanBoundaryHead(nn.Module):
         return self.ln2(self.act(self.fc2(h)))  # y_i, (B, P, E)
 
 
+@torch.no_grad()
+def auc(scores, positive, scored):
+    """Area under the ROC curve of `scores` over the `scored` entries (Mann-Whitney: the chance that a random positive
+    outscores a random negative; 0.5 = no skill). ELECTRA logs it because precision and recall at a 0.5 threshold stay
+    at 0 while a weak detector is already ranking replaced tokens higher. No data-dependent shapes (no GPU sync)."""
+    ranks = torch.empty_like(scores).flatten()
+    order = scores.masked_fill(~scored, -math.inf).flatten().argsort()
+    ranks[order] = torch.arange(1, ranks.numel() + 1, dtype=scores.dtype, device=scores.device)  # unscored first
+    n_pos, n_neg = positive.sum(), (scored & ~positive).sum()
+    rank_sum = (ranks * positive.flatten()).sum() - (~scored).sum() * n_pos  # ranks among the scored entries
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg).clamp(min=1)
+
+
 def generator_config(cfg):
     """ELECTRA's generator (Sec. 3.2; its code's get_generator_config): hidden size gen_width x d_model, heads of 64
     dims (at least one), FFN 4x hidden, the same depth. It reads the main model's embeddings (width d_model, shared
@@ -316,8 +329,8 @@ def generator_config(cfg):
     h = max(1, d // 64)
     while d % h:
         h -= 1
-    return replace(cfg, d_model=d, n_head=h, d_ff=4 * d, d_embed=cfg.d_embed or cfg.d_model,
-                               objective="mlm", rtd=False, sbo=False, return_mlm=False)
+    return replace(cfg, d_model=d, n_head=h, d_ff=4 * d, d_embed=cfg.d_embed or cfg.d_model, objective="mlm",
+                   rtd=False, sbo=False, return_mlm=False)
 
 
 def check_config(cfg):
@@ -340,12 +353,12 @@ def check_config(cfg):
                          "each span (often the true tokens), so its boundary rows would leak the span; use mpnet/plm")
 
 
-def rtd_weight(cfg):
-    """lambda of the discriminator loss. ELECTRA's 50 balances a BCE against the MLM loss of ANOTHER network (the
+def disc_weight(cfg, objective):
+    """lambda of the discriminator loss (cfg.rtd_weight unless None). ELECTRA's 50 balances a BCE against the MLM loss of ANOTHER network (the
     generator): the discriminator gets nothing else. With mpnet/plm the same encoder also carries the permuted-LM
     loss, and lambda trades one objective against the other; 10 keeps the permuted-LM loss within a few percent of
     plain MPNet's while the discriminator still learns (README, "MPNet + RTD")."""
-    return cfg.rtd_weight if cfg.rtd_weight is not None else (50.0 if cfg.objective == "mlm" else 10.0)
+    return cfg.rtd_weight if cfg.rtd_weight is not None else (50.0 if objective == "mlm" else 10.0)
 
 
 class MPNext(nn.Module):
@@ -457,12 +470,14 @@ class MPNext(nn.Module):
 
     def two_stream_encode(self, input_ids, positions, n_pred, kind="mpnet"):
         """input_ids, positions: (B, T) with T = N + 2P ("mpnet": [N permuted tokens | P mask copies | P query rows])
-        or T = N + P ("plm": [N permuted tokens | P query rows]); positions are the ORIGINAL 0-based positions.
+        or T = N + P ("plm": [N permuted tokens | P query rows]); positions are the ORIGINAL 0-based positions. When
+        rows predict different numbers of tokens, make_batch adds filler pads: the N content rows become W + P.
         Returns hidden states (B, T, D) of every row; the last P rows are the query stream."""
         B, T = input_ids.shape
         n = T - 2 * n_pred if kind == "mpnet" else T - n_pred  # sentence length N
         n_kv = T - n_pred  # content stream rows = keys/values
-        self._check_length(n - n_pred)  # a layout holds up to n_pred filler pads besides the sentence (section 6)
+        self._check_length(n - n_pred)  # shape only: up to n_pred content rows may be filler pads (make_batch
+        # checks N itself)
         x = self.embed(input_ids, positions)
         # torch.compile bakes the mask into its graph: call the uncached function there (dynamo warns on lru_cache)
         mask_fn = two_stream_mask.__wrapped__ if torch.compiler.is_compiling() else two_stream_mask
@@ -499,7 +514,7 @@ class MPNext(nn.Module):
                 rows = h[:, -P:]  # the query stream
             losses["lm"], metrics["acc"] = token_loss(self.lm_head(rows), batch["targets"])
             if kind == "mpnet" and self.cfg.return_mlm:  # the mask-copy rows see exactly BERT's MLM context
-                losses["mlm"], _ = token_loss(self.lm_head(h[:, -2 * P:-P]), batch["targets"])
+                losses["return_mlm"], _ = token_loss(self.lm_head(h[:, -2 * P:-P]), batch["targets"])
         if "rtd_targets" in batch:  # the discriminator scores the rows of rtd_scored (Sec. 6 says which)
             scored = batch["rtd_scored"]
             replaced = replaced[:, :scored.shape[1]]
@@ -510,13 +525,13 @@ class MPNext(nn.Module):
             guess, hit = logits > 0, replaced & scored
             metrics.update(replaced=hit.sum() / n, disc_acc=((guess == replaced) & scored).sum() / n,
                            disc_precision=(guess & hit).sum() / (guess & scored).sum().clamp(min=1),
-                           disc_recall=(guess & hit).sum() / hit.sum().clamp(min=1))
+                           disc_recall=(guess & hit).sum() / hit.sum().clamp(min=1), disc_auc=auc(logits, hit, scored))
         if "sbo_targets" in batch:  # boundaries are rows that never saw the span (section 6, span_boundaries)
             rows = [h.gather(1, batch[k][..., None].expand(-1, -1, h.size(-1))) for k in ("sbo_left", "sbo_right")]
             y = self.sbo(*rows, batch["sbo_offset"])
             logits = F.linear(y, self.tok_emb.weight, self.sbo.bias)  # tied decoder, own bias
             losses["sbo"], metrics["sbo_acc"] = token_loss(logits, batch["sbo_targets"])
-        total = sum(v * (rtd_weight(self.cfg) if k == "disc" else 1.0) for k, v in losses.items())
+        total = sum(v * (disc_weight(self.cfg, kind) if k == "disc" else 1.0) for k, v in losses.items())
         metrics.update({f"{k}_loss": v.detach() for k, v in losses.items()}, loss=total.detach())
         return total, metrics
 
@@ -721,13 +736,14 @@ def permute(input_ids, unit, cfg, generator):
     same = (sorted_unit == sorted_unit.gather(1, cut)) & ok.gather(1, order)  # the ranks of the cut unit
     first = torch.where(same, rank, N).amin(1, keepdim=True)
     last = torch.where(same, rank, -1).amax(1, keepdim=True) + 1
-    cut = torch.where((last - cut >= cut - first) | (last == N), first, last)
+    cut = torch.where((last - cut >= cut - first) | (last == N), first, last)  # (a budget of 1 token predicts 1 unit)
     n_pred = N - cut[:, 0]
     # The predicted block is reshuffled token by token, as MPNet does after its whole-word permutation: the unit
     # decides what is hidden, the token order decides what each prediction may see. So a span's tokens are predicted
     # in random order, each seeing those predicted before it: PLM's output dependency inside the span too.
     P = int(n_pred.max())
     shuffle = torch.rand(B, P, generator=generator, device=generator.device)
+    # a two-level sort key: non-predicted ranks keep their order (keys in [0, 1)), predicted ones shuffle in [1, 2)
     key = torch.where(rank >= cut, 1 + shuffle.gather(1, (rank - cut).clamp(0, P - 1)), rank / N)
     return order.gather(1, key.argsort(dim=1, stable=True)), n_pred
 
@@ -746,8 +762,9 @@ def corrupt(targets, cfg, generator, u=None):
 def span_boundaries(input_ids, is_pred, pred, valid, row_of, cfg):
     """SBO inputs (SpanBERT Sec. 3.2). A span is a maximal run of predicted positions (adjacent spans merge, as in
     SpanBERT), so both boundaries x_{s-1}, x_{e+1} are non-predicted tokens, whose rows never see predicted content
-    in any layout (the two-stream masks of section 4; MLM hides the span). Targets at rows whose span touches the
-    row's edge or padding, or lies SBO_MAX_OFFSET or more tokens from the left boundary, are IGNORE.
+    in any layout (the two-stream masks of section 4; MLM hides the span). A span whose boundary is not an ordinary
+    token (the row's edge, <s>, </s>, padding; SpanBERT skips spans at the block edge) gets no SBO term, nor do tokens
+    SBO_MAX_OFFSET or more from the left boundary.
     Returns sbo_left / sbo_right (B, P): encoder rows of the boundaries, sbo_offset, sbo_targets."""
     B, N = input_ids.shape
     pos = torch.arange(N, device=input_ids.device).expand(B, N)
@@ -755,20 +772,22 @@ def span_boundaries(input_ids, is_pred, pred, valid, row_of, cfg):
     right = torch.where(is_pred, N, pos).flip(1).cummin(1).values.flip(1).gather(1, pred)  # first one >= pred
     left_c, right_c = left.clamp(min=0), right.clamp(max=N - 1)
     offset = pred - left - 1  # 0 for a span's first token
-    ok = valid & (left >= 0) & (right < N) & (offset < SBO_MAX_OFFSET) \
-        & (input_ids.gather(1, left_c) != cfg.pad_id) & (input_ids.gather(1, right_c) != cfg.pad_id)
+    ordinary = predictable(input_ids, cfg)
+    ok = valid & (left >= 0) & (right < N) & (offset < SBO_MAX_OFFSET) & ordinary.gather(1, left_c) \
+        & ordinary.gather(1, right_c)
+    targets = torch.where(ok, input_ids.gather(1, pred), IGNORE)
     return dict(sbo_left=row_of.gather(1, left_c), sbo_right=row_of.gather(1, right_c),
-                sbo_offset=offset.clamp(0, SBO_MAX_OFFSET - 1), sbo_targets=torch.where(ok, input_ids.gather(1, pred),
-                                                                                        IGNORE))
+                sbo_offset=offset.clamp(0, SBO_MAX_OFFSET - 1), sbo_targets=targets)
 
 
 def make_batch(input_ids, cfg, generator, word_starts=None, objective=None):
     """Build the model input for objective "mpnet" | "plm" | "mlm" (default cfg.objective) from (B, N) token ids, with
     the inputs of the ELECTRA and SBO heads when cfg.rtd / cfg.sbo. Returns a dict with "kind", "input_ids",
     "targets" (B, P) (IGNORE at fillers) and "positions" (two-stream) or "pred_positions" (MLM); see rtd_inputs."""
-    objective = objective or cfg.objective
-    if objective not in ("mpnet", "plm", "mlm"):
-        raise ValueError(f"unknown objective {objective!r}; use 'mpnet', 'plm' or 'mlm'")
+    if objective is not None and objective != cfg.objective:
+        cfg = replace(cfg, objective=objective)
+        check_config(cfg)  # e.g. mlm + rtd + sbo is refused whatever asked for it
+    objective = cfg.objective
     B, N = input_ids.shape
     if N > cfg.max_len:
         raise ValueError(f"a sequence of {N} tokens exceeds max_len={cfg.max_len} of this model")
@@ -806,7 +825,9 @@ def make_batch(input_ids, cfg, generator, word_starts=None, objective=None):
     if cfg.sbo:
         batch.update(span_boundaries(input_ids, is_pred, pred, valid, row_of, cfg))
     if cfg.rtd:
-        batch.update(rtd_inputs(input_ids, batch, is_pred, pred, valid, row_of, masked, W, cfg, generator))
+        batch.update(rtd_inputs(input_ids, batch, is_pred, pred, masked, row_of, W, cfg, generator))
+        if objective == "mlm":  # classic ELECTRA: the main model is only the discriminator, with no LM loss
+            del batch["targets"], batch["pred_positions"]
     return batch
 
 
@@ -829,33 +850,38 @@ def make_batch(input_ids, cfg, generator, word_starts=None, objective=None):
 #   plm + rtd: the same without position compensation.
 
 
-def rtd_inputs(input_ids, batch, is_pred, pred, valid, row_of, masked, W, cfg, generator):
-    """Generator input gen_ids / gen_attention_mask (B, N), natural order; the replaced set: rtd_positions (B, R) in
-    gen_ids, rtd_slots (B, R) in input_ids, rtd_targets (B, R) (IGNORE at fillers); the uniforms rtd_u (B, R) for
-    sampling; rtd_scored (B, rows): the rows the discriminator labels."""
+def replaced_count(cfg, n):
+    """R, the width of the replaced set of MPNet + RTD for rows of n tokens: rtd_ratio of the non-predicted part,
+    counted from the padded length as MPNet counts P (objectives.md 2b, pitfall 7), so shapes are fixed per length."""
+    return round(cfg.rtd_ratio * (n - round(cfg.pred_ratio * n)))
+
+
+def rtd_inputs(input_ids, batch, is_pred, pred, masked, row_of, W, cfg, generator):
+    """ELECTRA's inputs: the generator's gen_ids / gen_attention_mask (B, N), natural order; the replaced set as
+    rtd_positions (B, R) in gen_ids, rtd_slots (B, R) in the main input, rtd_targets (B, R) (IGNORE at fillers); the
+    uniforms rtd_u (B, R) for sampling; rtd_scored: the rows the discriminator labels (width = the rows it reads)."""
     B, N = input_ids.shape
     not_pad = input_ids != cfg.pad_id
-    if batch["kind"] == "mlm":  # classic ELECTRA
-        out = dict(gen_ids=batch.pop("input_ids"), gen_attention_mask=not_pad.long(), rtd_positions=pred,
-                   rtd_slots=pred, rtd_targets=batch.pop("targets"), rtd_scored=not_pad, input_ids=input_ids)
-        del batch["pred_positions"]
+    if batch["kind"] == "mlm":  # classic ELECTRA: the generator reads the masked sentence, the main model the original
+        out = dict(input_ids=input_ids, gen_ids=batch["input_ids"], gen_attention_mask=not_pad.long(),
+                   rtd_positions=pred, rtd_slots=pred, rtd_targets=batch["targets"], rtd_scored=not_pad)
     else:
-        cand = predictable(input_ids, cfg) & ~is_pred
-        n_rep = (cfg.rtd_ratio * cand.sum(1)).round().long()  # (B,) replaced tokens per row
-        R = int(n_rep.max())
+        cand = predictable(input_ids, cfg) & ~is_pred  # non-predicted ordinary tokens
+        R = replaced_count(cfg, N)
         if R < 1:
-            raise ValueError(f"rtd_ratio={cfg.rtd_ratio} replaces no token of these rows; raise it")
-        # distinct positions per row: the picked candidates, then fillers (unpicked positions, targets IGNORE)
+            raise ValueError(f"rtd_ratio={cfg.rtd_ratio} replaces no token of a {N}-token row; raise it")
+        n_rep = (cfg.rtd_ratio * cand.sum(1)).round().long().clamp(max=R)  # (B,) replaced tokens per row
+        # R distinct positions per row: the picked candidates first, then unpicked ones as fillers (IGNORE)
         pick = torch.where(cand, torch.rand(B, N, generator=generator, device=generator.device), 2.0).argsort(1)[:, :R]
         rvalid = torch.arange(R, device=input_ids.device) < n_rep[:, None]
         targets = torch.where(rvalid, input_ids.gather(1, pick), IGNORE)
-        seen = masked if batch["kind"] == "mpnet" else torch.full_like(masked, cfg.mask_id)  # what pred. slots hold
+        valid = batch["targets"] != IGNORE
+        seen = masked if batch["kind"] == "mpnet" else torch.full_like(masked, cfg.mask_id)  # in predicted slots
         gen_ids = input_ids.scatter(1, pred, torch.where(valid, seen, input_ids.gather(1, pred)))
         gen_ids = gen_ids.scatter(1, pick, torch.where(rvalid, corrupt(targets, cfg, generator), gen_ids.gather(1, pick)))
         keys = not_pad & ~is_pred if batch["kind"] == "plm" else not_pad  # PLM's content rows see no predicted slot
-        scored = batch["input_ids"][:, :W] != cfg.pad_id  # the non-predicted block of the content stream
         out = dict(gen_ids=gen_ids, gen_attention_mask=keys.long(), rtd_positions=pick, rtd_slots=row_of.gather(1, pick),
-                   rtd_targets=targets, rtd_scored=scored)
+                   rtd_targets=targets, rtd_scored=batch["input_ids"][:, :W] != cfg.pad_id)  # non-predicted block
     out["rtd_u"] = torch.rand(out["rtd_targets"].shape, generator=generator, device=generator.device)
     return out
 

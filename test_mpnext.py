@@ -447,7 +447,8 @@ def test_loss_and_return_mlm():
     model = tiny_model(return_mlm=True)
     b = make_batch(random_ids(2, 20, cfg=cfg), cfg, gen(0))
     loss, metrics = model.loss(b)
-    assert torch.allclose(loss, metrics["lm_loss"] + metrics["mlm_loss"]) and torch.equal(loss.detach(), metrics["loss"])
+    assert torch.allclose(loss, metrics["lm_loss"] + metrics["return_mlm_loss"])
+    assert torch.equal(loss.detach(), metrics["loss"]) and "mlm_loss" not in metrics  # train.py's probe owns val_mlm_
     assert abs(metrics["lm_loss"].item() - math.log(cfg.vocab_size)) < 0.5  # untrained: about log V
 
 
@@ -603,6 +604,15 @@ def test_rtd_labels_follow_token_inequality(objective):
         assert torch.equal(replaced, new_ids != batch["input_ids"])  # labels == the token changed
         n_slots = (batch["rtd_targets"] != mpnext.IGNORE).sum()
         assert replaced.sum() == (n_slots if expect_replaced else 0) and n_slots > 0
+
+
+def test_disc_auc_equals_pairwise_count():
+    g = gen(7)
+    scores, positive, scored = torch.randn(4, 30, generator=g), torch.rand(4, 30, generator=g) < 0.2, \
+        torch.rand(4, 30, generator=g) < 0.8
+    positive &= scored
+    pos, neg = scores[positive], scores[scored & ~positive]
+    assert torch.allclose(mpnext.auc(scores, positive, scored), (pos[:, None] > neg[None, :]).float().mean())
 
 
 def test_rtd_samples_are_never_special():

@@ -185,8 +185,8 @@ def head_summary(m, prefix=""):
     """The extra heads' numbers in one short string (empty when the run has none)."""
     parts = []
     if prefix + "gen_acc" in m:
-        parts.append("rtd: gen_acc {:.3f} replaced {:.3f} disc_acc {:.3f} P {:.3f} R {:.3f}".format(
-            *(m[prefix + k] for k in ("gen_acc", "replaced", "disc_acc", "disc_precision", "disc_recall"))))
+        parts.append("rtd: gen_acc {:.3f} replaced {:.3f} disc_acc {:.3f} auc {:.3f} P {:.3f} R {:.3f}".format(
+            *(m[prefix + k] for k in ("gen_acc", "replaced", "disc_acc", "disc_auc", "disc_precision", "disc_recall"))))
     if prefix + "sbo_loss" in m:
         parts.append(f"sbo_loss {m[prefix + 'sbo_loss']:.3f} acc {m[prefix + 'sbo_acc']:.3f}")
     return " | ".join(parts)
@@ -269,7 +269,10 @@ def setup(argv=None):
         try:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
             tc = dataclasses.replace(TrainConfig(**ckpt["train_config"]), **train_args)  # typed flags win
-            cfg = mpnext.MPNextConfig(**ckpt["model_config"])
+            model_config = dict(ckpt["model_config"])
+            if "whole_word" in model_config:  # saved before --masking replaced --whole-word
+                model_config["masking"] = "word" if model_config.pop("whole_word") else "token"
+            cfg = mpnext.MPNextConfig(**model_config)
         except Exception as e:  # corrupt file, or a checkpoint of another program / version
             raise ValueError(f"{ckpt_path}: not a checkpoint this train.py can resume ({type(e).__name__}); "
                              f"use another --out-dir or delete it") from None
@@ -281,6 +284,7 @@ def setup(argv=None):
         tc = TrainConfig(**train_args)
         tok = None
         preset = mpnext.MPNextConfig.from_preset(tc.preset)  # fail fast, before any data work
+        mpnext.check_config(dataclasses.replace(preset, **model_args))
     device = pick_device(tc.device)
     docs = data.load_documents(tc.data or None)
     train_docs, val_docs = data.split_documents(docs, seed=tc.seed)
@@ -299,6 +303,8 @@ def setup(argv=None):
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(tc, name)}")
     if round(cfg.pred_ratio * tc.seq_len) < 1:
         raise ValueError(f"--pred-ratio {cfg.pred_ratio} x --seq-len {tc.seq_len} predicts no token; raise either")
+    if cfg.rtd and cfg.objective != "mlm" and mpnext.replaced_count(cfg, tc.seq_len) < 1:
+        raise ValueError(f"--rtd-ratio {cfg.rtd_ratio} x --seq-len {tc.seq_len} replaces no token; raise either")
     if tc.batch_size % tc.grad_accum:
         raise ValueError(f"--batch-size {tc.batch_size} must be a multiple of --grad-accum {tc.grad_accum}")
     streams = [data.encode_documents(d, tok, os.path.join(out_dir, f"{name}_tokens.npz"))
@@ -343,8 +349,9 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
         kept = [line for line in open(log_path) if _log_step(line) <= step]
     log = open(log_path, "w")
     log.writelines(kept)
-    n_params = model.num_params()
-    print(f"MPNext {recipe(cfg)} | {n_params / 1e6:.2f}M params | {device} {str(dtype).split('.')[-1]} | "
+    n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("generator.", "disc.", "sbo.")))
+    extra = f" (+{(model.num_params() - n_params) / 1e6:.2f}M generator/heads)" if n_params < model.num_params() else ""
+    print(f"MPNext {recipe(cfg)} | {n_params / 1e6:.2f}M params{extra} | {device} {str(dtype).split('.')[-1]} | "
           f"{len(train_b.stream) / 1e6:.2f}M train tokens | steps {step}->{tc.max_steps}", flush=True)
 
     def checkpoint():
@@ -387,8 +394,7 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
                    "tok_s": round(tok_s)}
             log.write(json.dumps(row) + "\n")
             log.flush()
-            heads = {k: f"{row[k]:.2f}" for k in ("gen_acc", "replaced", "disc_precision", "disc_recall", "sbo_loss")
-                     if k in row}
+            heads = {k: f"{row[k]:.2f}" for k in ("gen_acc", "disc_auc", "disc_recall", "sbo_loss") if k in row}
             bar.set_postfix(loss=f"{row['loss']:.3f}", **heads, lr=f"{row['lr']:.2e}", tok_s=f"{tok_s / 1e3:.1f}k")
         if step % tc.eval_every == 0 or step == tc.max_steps:
             with slow_weights(optimizer):  # Lookahead: evaluate the slow weights phi (the fast ones come back)
@@ -423,7 +429,7 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, steps=10):
     print(f"tokenizer | {mb:.2f} MB | train {fresh.vocab_size} vocab: {t1 - t0:.1f} s | encode: {mb / (t2 - t1):.1f} MB/s")
     autocast = autocast_for(device, pick_dtype(tc.dtype, device))
     ids, starts = train_b.sample(torch.Generator().manual_seed(tc.seed))
-    mlm = mpnext.make_batch(ids, cfg, torch.Generator().manual_seed(0), starts, objective="mlm")
+    mlm = mpnext.make_batch(ids, mlm_probe(cfg), torch.Generator().manual_seed(0), starts)
 
     def sync():
         if device == "cuda":
@@ -452,7 +458,7 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, steps=10):
                                       num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff,
                                       max_position_embeddings=cfg.max_len + 2, layer_norm_eps=cfg.layer_norm_eps,
                                       hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.attn_dropout)
-        labels = torch.full_like(ids, -100).scatter_(1, mlm["pred_positions"], mlm["targets"])
+        labels = torch.full_like(ids, -100).scatter_(1, mlm["pred_positions"], mlm["targets"])  # fillers: -100
         rows["HF MPNetForMaskedLM (mlm)"] = seconds_per_step(
             transformers.MPNetForMaskedLM(hc), lambda m, b: m(input_ids=b["ids"], labels=b["labels"]).loss,
             {"ids": mlm["input_ids"], "labels": labels})
