@@ -63,6 +63,7 @@ class MPNextConfig:
     rel_buckets: int = 32  # relative position buckets, half for keys on the left, half for keys on the right
     rel_max_distance: int = 128  # distances beyond this share the last bucket
     rel_init: str = "local"  # "local": head h starts with bias -2^(1-h) * log2(1 + distance); "normal": N(0, 0.02)
+    d_embed: int = 0  # embedding width E, projected to d_model (ALBERT/ELECTRA); 0 = d_model; HF export needs 0
     # -- token ids the model and the input builders must know
     pad_id: int = 1  # padding (fairseq's and HF MPNet's id): never predicted, never a key, position row 1
     mask_id: int = 4  # the [MASK] symbol fed to predicted positions
@@ -73,15 +74,14 @@ class MPNextConfig:
     mask_prob: float = 0.8  # of the predicted tokens: fed as [MASK] ...
     random_prob: float = 0.1  # ... fed as a random non-special token; the rest (0.1) keep the original token
     masking: str = "token"  # unit that is hidden and permuted: "token", "word" (whole words) or "span" (SpanBERT)
-    span_p: float = 0.2  # span lengths in words ~ Geometric(span_p) truncated to [1, span_max] (SpanBERT: 0.2, 10)
-    span_max: int = 10  # longest span, in words
+    span_p: float = 0.2  # --masking span: lengths in words ~ Geometric(span_p) truncated to [1, span_max]
+    span_max: int = 10  # --masking span: longest span, in words (SpanBERT: p 0.2, at most 10 words)
     return_mlm: bool = False  # MPNet's --return-mlm: add an MLM loss on the mask-copy rows of the content stream
     # -- extra heads (section 6): ELECTRA replaced-token detection, SpanBERT span boundary objective
     rtd: bool = False  # ELECTRA: a small generator fills in tokens, the main model spots the replaced ones
-    rtd_weight: float = None  # lambda of the discriminator loss; None = 50 for mlm (ELECTRA), 10 for mpnet/plm
-    rtd_ratio: float = 0.15  # mpnet/plm + rtd: share of the NON-predicted tokens that the generator replaces
+    rtd_weight: float = None  # lambda of the discriminator loss; unset: 50 for mlm (ELECTRA), 10 for mpnet/plm
+    rtd_ratio: float = 0.15  # mpnet/plm + rtd: share of the non-predicted ordinary tokens the generator replaces
     gen_width: float = 0.25  # generator hidden size as a fraction of d_model (ELECTRA's best: 1/4 to 1/2); same depth
-    d_embed: int = 0  # width E of the token/position embeddings, projected to d_model when they differ; 0 = d_model
     sbo: bool = False  # SpanBERT's span boundary objective on the predicted spans (weight 1)
 
     @classmethod
@@ -310,15 +310,17 @@ class SpanBoundaryHead(nn.Module):
 
 @torch.no_grad()
 def auc(scores, positive, scored):
-    """Area under the ROC curve of `scores` over the `scored` entries (Mann-Whitney: the chance that a random positive
-    outscores a random negative; 0.5 = no skill). ELECTRA logs it because precision and recall at a 0.5 threshold stay
-    at 0 while a weak detector is already ranking replaced tokens higher. No data-dependent shapes (no GPU sync)."""
-    ranks = torch.empty_like(scores).flatten()
-    order = scores.masked_fill(~scored, -math.inf).flatten().argsort()
-    ranks[order] = torch.arange(1, ranks.numel() + 1, dtype=scores.dtype, device=scores.device)  # unscored first
+    """Area under the ROC curve of `scores` over the `scored` entries: the chance that a random positive outscores a
+    random negative, ties counting half (Mann-Whitney); 0.5 = no skill, NaN without positives or negatives. ELECTRA
+    logs it because precision and recall at the 0.5 threshold stay at 0 while a weak detector already ranks replaced
+    tokens higher. No data-dependent shapes (no GPU sync)."""
+    negatives = torch.where(scored & ~positive, scores, math.inf).flatten().sort().values  # +inf: not a negative
+    s = scores.flatten().contiguous()
+    below = torch.searchsorted(negatives, s).float()  # negatives strictly below each score ...
+    ties = torch.searchsorted(negatives, s, right=True) - below  # ... and equal to it
+    wins = ((below + 0.5 * ties) * positive.flatten()).sum()
     n_pos, n_neg = positive.sum(), (scored & ~positive).sum()
-    rank_sum = (ranks * positive.flatten()).sum() - (~scored).sum() * n_pos  # ranks among the scored entries
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg).clamp(min=1)
+    return wins / (n_pos * n_neg)  # 0 / 0 = NaN when undefined
 
 
 def generator_config(cfg):
@@ -471,13 +473,12 @@ class MPNext(nn.Module):
     def two_stream_encode(self, input_ids, positions, n_pred, kind="mpnet"):
         """input_ids, positions: (B, T) with T = N + 2P ("mpnet": [N permuted tokens | P mask copies | P query rows])
         or T = N + P ("plm": [N permuted tokens | P query rows]); positions are the ORIGINAL 0-based positions. When
-        rows predict different numbers of tokens, make_batch adds filler pads: the N content rows become W + P.
+        rows predict different numbers of tokens, make_batch adds filler pads: the N content rows become W + P
+        (make_batch checks N against max_len; two_stream checks a layout without fillers).
         Returns hidden states (B, T, D) of every row; the last P rows are the query stream."""
         B, T = input_ids.shape
         n = T - 2 * n_pred if kind == "mpnet" else T - n_pred  # sentence length N
         n_kv = T - n_pred  # content stream rows = keys/values
-        self._check_length(n - n_pred)  # shape only: up to n_pred content rows may be filler pads (make_batch
-        # checks N itself)
         x = self.embed(input_ids, positions)
         # torch.compile bakes the mask into its graph: call the uncached function there (dynamo warns on lru_cache)
         mask_fn = two_stream_mask.__wrapped__ if torch.compiler.is_compiling() else two_stream_mask
@@ -488,6 +489,7 @@ class MPNext(nn.Module):
         return self.run_blocks(x, bias, n_kv)
 
     def two_stream(self, input_ids, positions, n_pred, kind="mpnet"):
+        self._check_length(input_ids.shape[1] - (2 if kind == "mpnet" else 1) * n_pred)  # a layout without fillers
         h = self.two_stream_encode(input_ids, positions, n_pred, kind)
         return self.lm_head(h[:, -n_pred:])  # (B, P, V): the LM head runs on the query rows only
 
@@ -495,7 +497,7 @@ class MPNext(nn.Module):
 
     def loss(self, batch):
         """The weighted sum of every loss the batch asks for (section 6 builds it), each a mean over its own targets so
-        the weights mean what the papers mean (objectives.md Sec. 0): the objective's LM loss (query rows, or the
+        the weights mean what the papers mean (ELECTRA's and SpanBERT's code average each loss so): the objective's LM loss (query rows, or the
         masked rows for mlm), MPNet's --return-mlm loss, ELECTRA's generator and discriminator losses, SpanBERT's SBO
         loss. Returns (loss, metrics): each loss as "<name>_loss", accuracies, the discriminator's numbers."""
         kind, ids = batch["kind"], batch["input_ids"]
@@ -852,7 +854,7 @@ def make_batch(input_ids, cfg, generator, word_starts=None, objective=None):
 
 def replaced_count(cfg, n):
     """R, the width of the replaced set of MPNet + RTD for rows of n tokens: rtd_ratio of the non-predicted part,
-    counted from the padded length as MPNet counts P (objectives.md 2b, pitfall 7), so shapes are fixed per length."""
+    counted from the padded length as MPNet counts P, so the shapes are fixed for a given length."""
     return round(cfg.rtd_ratio * (n - round(cfg.pred_ratio * n)))
 
 
