@@ -676,7 +676,8 @@ def test_heads_keep_the_leakage_guarantee(kind, rtd):
         before = head_outputs(model, batch, kind)
         for k in range(P):  # rows whose slot k is a filler (a visible token) keep their tokens
             other = ids.gather(1, pred[:, k:k + 1]) % 100 + 5  # another ordinary token
-            ids2 = ids.scatter(1, pred[:, k:k + 1], torch.where(valid[:, k:k + 1], other, ids.gather(1, pred[:, k:k + 1])))
+            here = pred[:, k:k + 1]
+            ids2 = ids.scatter(1, here, torch.where(valid[:, k:k + 1], other, ids.gather(1, here)))
             b2 = make_batch(ids2, cfg, gen(4), ws)
             assert torch.equal(b2["positions"], batch["positions"])  # the same draw: same layout
             after = head_outputs(model, b2, kind)
@@ -697,7 +698,8 @@ def test_sbo_boundaries_are_never_predicted():
         ok = b["sbo_targets"] != mpnext.IGNORE
         P = b["targets"].shape[1]
         if objective == "mlm":
-            is_pred = torch.zeros(8, 60, dtype=torch.bool).scatter(1, b["pred_positions"], b["targets"] != mpnext.IGNORE)
+            valid = b["targets"] != mpnext.IGNORE
+            is_pred = torch.zeros(8, 60, dtype=torch.bool).scatter(1, b["pred_positions"], valid)
             rows = torch.arange(8)[:, None].expand_as(ok)[ok]
             assert not is_pred[rows, b["sbo_left"][ok]].any() and not is_pred[rows, b["sbo_right"][ok]].any()
         else:

@@ -478,8 +478,9 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, steps=10):
     except ImportError:
         print("transformers is not installed: no HF reference row")
     plain = dict(masking="token", rtd=False, sbo=False)
-    for variant in (dict(objective="mlm"), dict(objective="plm"), dict(objective="mpnet"), dict(objective="mlm", rtd=True),
-                    dict(objective="mpnet", rtd=True), dict(objective="mpnet", masking="span", sbo=True)):
+    for variant in (dict(objective="mlm"), dict(objective="plm"), dict(objective="mpnet"),
+                    dict(objective="mlm", rtd=True), dict(objective="mpnet", rtd=True),
+                    dict(objective="mpnet", masking="span", sbo=True)):
         vcfg = dataclasses.replace(cfg, **{**plain, **variant})
         try:
             batch = mpnext.make_batch(ids, vcfg, torch.Generator().manual_seed(0), starts)
