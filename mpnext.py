@@ -805,8 +805,8 @@ def make_batch(input_ids, cfg, generator, word_starts=None, objective=None):
         if cfg.masking == "span" else None  # SpanBERT: one 80/10/10 decision per span
     masked = torch.where(valid, corrupt(targets, cfg, generator, u), cfg.pad_id)  # drawn once, shared by both copies
     if objective == "mlm":  # BERT: corrupt in place, natural order
-        batch = dict(kind="mlm", input_ids=input_ids.scatter(1, pred, torch.where(valid, masked, input_ids.gather(
-            1, pred))), pred_positions=pred, targets=targets)
+        fed = torch.where(valid, masked, input_ids.gather(1, pred))  # fillers keep their token
+        batch = dict(kind="mlm", input_ids=input_ids.scatter(1, pred, fed), pred_positions=pred, targets=targets)
         if (input_ids == cfg.pad_id).any():
             batch["attention_mask"] = (input_ids != cfg.pad_id).long()
         row_of = torch.arange(N, device=input_ids.device).expand(B, N)  # encoder row of each position
@@ -834,7 +834,7 @@ def make_batch(input_ids, cfg, generator, word_starts=None, objective=None):
     return batch
 
 
-# ELECTRA's replaced-token detection, two ways (objectives.md Sec. 2 and 2b):
+# ELECTRA's replaced-token detection (Clark et al., arXiv 2003.10555, Sec. 2), two ways:
 #   mlm + rtd, classic ELECTRA: the generator reads the masked sentence and fills in the predicted positions; the main
 #       model (the discriminator) reads the original sentence with those samples, in natural order, and labels every
 #       real token. It has no LM loss, as in the paper.
