@@ -1018,8 +1018,10 @@ def test_benchmark_mode_reports_side_by_side(tmp_path, capsys):
     run_train(tmp_path, "--benchmark")
     out = capsys.readouterr().out
     assert "tokenizer |" in out and "MB/s" in out
+    assert "float32: measured matmul peak" in out
     for recipe in ("mlm", "plm", "mpnet", "mlm+rtd", "mpnet+rtd", "mpnet+span+sbo"):
-        assert f"MPNext {recipe} " in out
+        row = next(line for line in out.splitlines() if line.strip().startswith(f"MPNext {recipe} "))
+        assert "ms/step" in row and "of peak" in row and "build" in row and "GFLOP" in row
     try:
         import transformers  # noqa: F401
         assert "x HF's MLM step" in out

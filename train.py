@@ -21,12 +21,14 @@ import itertools
 import json
 import math
 import os
+import platform
 import re
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import data
@@ -428,10 +430,44 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
     return model, ev
 
 
+def native_bf16(device):
+    """bf16 matmuls in hardware: CUDA with bf16, or a CPU with AVX-512 BF16 or AMX (torch's own, private, probes)."""
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return device == "cpu" and any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or device
+
+
+def matmul_peak(device, dtype, sync):
+    """The measured matmul peak in FLOP/s: the best of a few square shapes, timed here, in this dtype."""
+    best = 0.0
+    for n in (1024, 2048, 4096 if device == "cuda" else 1536):
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        a @ b  # warm-up
+        sync()
+        reps, start = 3 if device == "cpu" else 20, time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
+
+
 def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, steps=10):
     """Side-by-side timings in one process: BPE training and encoding on the corpus, then a full training step
     (forward, backward, AdamW) of each objective and head on the same batch, and of HF's MPNetForMaskedLM when
-    installed."""
+    installed, in each precision the device runs natively. Each step's model FLOPs (3 x the forward matmul FLOPs,
+    attention dense, counted by torch's FlopCounterMode) over its time is compared with the matmul peak measured in
+    the same run, the same device and dtype; "build" is the share of step time spent building batches."""
     text = "\n".join(data.load_documents(tc.data or None))
     mb = len(text.encode()) / 1e6
     t0 = time.perf_counter()
@@ -440,7 +476,6 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, steps=10):
     data.Tokenizer(fresh.merges).encode(text)  # a new instance: cold word cache
     t2 = time.perf_counter()
     print(f"tokenizer | {mb:.2f} MB | train {fresh.vocab_size} vocab: {t1 - t0:.1f} s | encode: {mb / (t2 - t1):.1f} MB/s")
-    autocast = autocast_for(device, pick_dtype(tc.dtype, device))
     ids, starts = train_b.sample(torch.Generator().manual_seed(tc.seed))
     mlm = mpnext.make_batch(ids, mlm_probe(cfg), torch.Generator().manual_seed(0), starts)
 
@@ -448,10 +483,15 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, steps=10):
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def seconds_per_step(model, loss_fn, batch):
+    def measure(model, loss_fn, batch, autocast):
+        """(seconds per step, model FLOPs per step, peak MB on CUDA) of a full training step."""
         model.to(device).train()
         batch = to_device(batch, device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        with FlopCounterMode(display=False) as counter, autocast:
+            loss_fn(model, batch)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         for i in range(steps + 2):  # 2 warm-up steps
             if i == 2:
                 sync()
@@ -462,38 +502,58 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, steps=10):
             opt.step()
             opt.zero_grad(set_to_none=True)
         sync()
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+        return (time.perf_counter() - start) / steps, 3 * counter.get_total_flops(), peak_mb
+
+    def build_seconds(vcfg):
+        g = torch.Generator().manual_seed(1)
+        start = time.perf_counter()
+        for _ in range(steps):
+            block, word_starts = train_b.sample(g)
+            mpnext.make_batch(block, vcfg, g, word_starts)
         return (time.perf_counter() - start) / steps
 
-    rows = {}
-    try:
-        import transformers
-        hc = transformers.MPNetConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
-                                      num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff,
-                                      max_position_embeddings=cfg.max_len + 2, layer_norm_eps=cfg.layer_norm_eps,
-                                      hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.attn_dropout)
-        labels = torch.full_like(ids, -100).scatter_(1, mlm["pred_positions"], mlm["targets"])  # fillers: -100
-        rows["HF MPNetForMaskedLM (mlm)"] = seconds_per_step(
-            transformers.MPNetForMaskedLM(hc), lambda m, b: m(input_ids=b["ids"], labels=b["labels"]).loss,
-            {"ids": mlm["input_ids"], "labels": labels})
-    except ImportError:
-        print("transformers is not installed: no HF reference row")
-    plain = dict(masking="token", rtd=False, sbo=False)
-    for variant in (dict(objective="mlm"), dict(objective="plm"), dict(objective="mpnet"),
-                    dict(objective="mlm", rtd=True), dict(objective="mpnet", rtd=True),
-                    dict(objective="mpnet", masking="span", sbo=True)):
-        vcfg = dataclasses.replace(cfg, **{**plain, **variant})
+    variants = [dict(objective="mlm"), dict(objective="plm"), dict(objective="mpnet"), dict(objective="mlm", rtd=True),
+                dict(objective="mpnet", rtd=True), dict(objective="mpnet", masking="span", sbo=True)]
+    dtypes = [torch.float32] + ([torch.bfloat16] if native_bf16(device) else [])
+    print(f"training step | {device_name(device)} ({device}) | batch {ids.shape[0]} x {ids.shape[1]} tokens | "
+          f"{steps} steps each | model FLOPs = 3 x forward matmul FLOPs")
+    for dtype in dtypes:
+        autocast, name = autocast_for(device, dtype), str(dtype).split(".")[-1]
+        peak = matmul_peak(device, dtype, sync)
+        print(f"{name}: measured matmul peak {peak / 1e9:.0f} GFLOP/s")
+        rows = {}
         try:
-            batch = mpnext.make_batch(ids, vcfg, torch.Generator().manual_seed(0), starts)
-            model = mpnext.MPNext(vcfg)
-        except ValueError as e:  # e.g. a --seq-len too short for the replaced set
-            print(f"  MPNext {recipe(vcfg)}: skipped ({e})")
-            continue
-        rows[f"MPNext {recipe(vcfg)}"] = seconds_per_step(model, lambda m, b: m.loss(b)[0], batch)
-    ref = rows.get("HF MPNetForMaskedLM (mlm)")
-    print(f"training step | {device} | batch {ids.shape[0]} x {ids.shape[1]} tokens | {steps} steps each")
-    for name, sec in rows.items():
-        speedup = f" | {ref / sec:.2f}x HF's MLM step" if ref else ""
-        print(f"  {name:<26} {sec * 1e3:8.1f} ms/step | {ids.numel() / sec / 1e3:7.1f}k tok/s{speedup}")
+            import transformers
+            hc = transformers.MPNetConfig(
+                vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+                num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_len + 2,
+                layer_norm_eps=cfg.layer_norm_eps, hidden_dropout_prob=cfg.dropout,
+                attention_probs_dropout_prob=cfg.attn_dropout)
+            labels = torch.full_like(ids, -100).scatter_(1, mlm["pred_positions"], mlm["targets"])  # fillers: -100
+            rows["HF MPNetForMaskedLM (mlm)"] = measure(
+                transformers.MPNetForMaskedLM(hc), lambda m, b: m(input_ids=b["ids"], labels=b["labels"]).loss,
+                {"ids": mlm["input_ids"], "labels": labels}, autocast) + (None,)
+        except ImportError:
+            print("  transformers is not installed: no HF reference row")
+        for variant in variants:
+            vcfg = dataclasses.replace(cfg, **{**dict(masking="token", rtd=False, sbo=False), **variant})
+            try:
+                batch = mpnext.make_batch(ids, vcfg, torch.Generator().manual_seed(0), starts)
+                model = mpnext.MPNext(vcfg)
+            except ValueError as e:  # e.g. a --seq-len too short for the replaced set
+                print(f"  MPNext {recipe(vcfg)}: skipped ({e})")
+                continue
+            rows[f"MPNext {recipe(vcfg)}"] = measure(model, lambda m, b: m.loss(b)[0], batch, autocast) + (
+                build_seconds(vcfg),)
+        ref = rows.get("HF MPNetForMaskedLM (mlm)")
+        for row, (sec, flops, peak_mb, build) in rows.items():
+            cells = [f"{sec * 1e3:8.1f} ms/step", f"{ids.numel() / sec / 1e3:6.1f}k tok/s",
+                     f"{flops / 1e9:6.1f} GFLOP", f"{flops / sec / peak:4.0%} of peak"]
+            cells += [f"build {build / (build + sec):4.1%}"] if build is not None else []
+            cells += [f"{peak_mb:.0f} MB peak"] if peak_mb is not None else []
+            cells += [f"{ref[0] / sec:.2f}x HF's MLM step"] if ref else []
+            print(f"  {row:<26} " + " | ".join(cells))
 
 
 def main(argv=None):
