@@ -138,6 +138,26 @@ def relative_bucket(q_pos, k_pos, n_buckets=32, max_distance=128):
     return bucket + torch.where(n < exact, n, log_bucket.clamp(max=half - 1))
 
 
+class BucketBias(torch.autograd.Function):
+    """table[bucket]: (.., H) from a (n_buckets, H) table, as nn.Embedding computes it, with the table's gradient as
+    one scatter-add per head. Same sums; nn.Embedding's backward sorts the B x T x T bucket ids first, which took
+    ~10% of a CPU training step (37 ms against 3 ms for a tiny-model MPNet batch of 32 x 128)."""
+
+    @staticmethod
+    def forward(ctx, table, bucket):
+        ctx.save_for_backward(bucket)
+        ctx.n_buckets = table.shape[0]
+        return table[bucket]
+
+    @staticmethod
+    def backward(ctx, grad):
+        bucket, = ctx.saved_tensors
+        index = bucket.flatten()
+        columns = [grad.new_zeros(ctx.n_buckets).scatter_add_(0, index, grad[..., h].flatten())
+                   for h in range(grad.shape[-1])]
+        return torch.stack(columns, 1), None
+
+
 def local_bias_init(cfg):
     """A locality prior for the bias table, (rel_buckets, n_head): head h starts at -2^(1-h) * log2(1 + d) for a
     bucket of distance d (its smallest), the same on both sides. Our deviation from MPNet, which starts the table at
@@ -428,7 +448,7 @@ class MPNext(nn.Module):
         """Relative bias (.., H, Tq, Tk) with blocked entries set to the dtype's minimum (finite: a fully blocked
         row then gives a uniform softmax instead of NaN)."""
         buckets = relative_bucket(q_pos, k_pos, self.cfg.rel_buckets, self.cfg.rel_max_distance)
-        bias = self.rel_bias(buckets).to(dtype)  # (B or 1, Tq, Tk, H)
+        bias = BucketBias.apply(self.rel_bias.weight, buckets).to(dtype)  # (B or 1, Tq, Tk, H)
         bias = bias.permute(0, 3, 1, 2)  # (B or 1, H, Tq, Tk)
         return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 

@@ -70,6 +70,18 @@ def test_relative_bucket_closed_form():
     assert b == [0, 16 + 3, 3, 10, 15, 16 + 10, 31]
 
 
+def test_bucket_bias_equals_embedding_lookup_and_its_gradient():
+    """The bias lookup with a scatter-add backward matches nn.Embedding, value and gradient."""
+    table = torch.randn(32, 4, dtype=torch.float64, requires_grad=True)
+    bucket = torch.randint(0, 32, (3, 17, 11), generator=gen(0))
+    grad = torch.randn(3, 17, 11, 4, dtype=torch.float64, generator=gen(1)).permute(0, 3, 1, 2)  # a strided grad,
+    ours = mpnext.BucketBias.apply(table, bucket).permute(0, 3, 1, 2)  # as attention_bias hands it back
+    ref = F.embedding(bucket, table).permute(0, 3, 1, 2)
+    assert torch.equal(ours, ref)
+    g_ours, = torch.autograd.grad(ours, table, grad)
+    g_ref, = torch.autograd.grad(ref, table, grad)
+    assert torch.allclose(g_ours, g_ref, atol=1e-12, rtol=0)
+
 def test_local_bias_init_closed_form():
     cfg = tiny_cfg(n_head=4)
     w = MPNext(cfg).rel_bias.weight  # (32 buckets, 4 heads)
