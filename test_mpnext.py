@@ -1041,6 +1041,13 @@ def test_benchmark_mode_reports_side_by_side(tmp_path, capsys):
         assert "no HF reference row" in out
 
 
+def test_auto_dtype_is_bf16_where_the_hardware_has_it(monkeypatch):
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    assert train.pick_dtype("auto", "cpu") == torch.bfloat16 and train.pick_dtype("auto", "cuda") == torch.bfloat16
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    assert train.pick_dtype("auto", "cpu") == torch.float32 and train.pick_dtype("auto", "cuda") == torch.float16
+    assert train.pick_dtype("float32", "cpu") == torch.float32  # the opt-out
+
 def cli(*args, cwd):
     return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=120)

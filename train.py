@@ -64,7 +64,7 @@ class TrainConfig:
     samples: int = 3  # fill-in-the-blank samples printed at each evaluation
     seed: int = 0  # seeds the model init, every batch and every mask draw
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; fp32 on CPU/MPS) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto: bf16 where GPU/CPU have bf16 matmuls, else fp16 (CUDA) or fp32 | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the loss (GPU speed knob; costs seconds to minutes at start)
     resume: bool = False  # continue from out_dir/ckpt.pt
     benchmark: bool = False  # instead of training: time the tokenizer and one training step per objective (and HF's)
@@ -132,11 +132,21 @@ def pick_device(name):
     return name
 
 
+def native_bf16(device):
+    """bf16 matmuls in hardware: CUDA with bf16, or a CPU with AVX-512 BF16 or AMX (torch's own, private, probes)."""
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return device == "cpu" and any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
 def pick_dtype(name, device):
+    """auto: bf16 autocast where the hardware has bf16 matmuls (on a 2-core AVX-512 BF16 EPYC the default run ends at
+    val_loss 4.76 against fp32's 4.74, in 3.2 minutes instead of 4.6); fp16 + loss scaling on older GPUs; else fp32."""
     if name == "auto":
-        if device != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if native_bf16(device):
+            return torch.bfloat16
+        return torch.float16 if device == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -428,14 +438,6 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
         print(f"summary | {recipe(cfg)} | params {n_params / 1e6:.2f}M | {device} | {minutes:.1f} min | "
               f"{tokens / max(minutes * 60, 1e-9) / 1e3:.1f}k tok/s | {score_line(ev)}")
     return model, ev
-
-
-def native_bf16(device):
-    """bf16 matmuls in hardware: CUDA with bf16, or a CPU with AVX-512 BF16 or AMX (torch's own, private, probes)."""
-    if device == "cuda":
-        return torch.cuda.is_bf16_supported()
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return device == "cpu" and any(getattr(torch.cpu, p, lambda: False)() for p in probes)
 
 
 def device_name(device):
