@@ -10,8 +10,10 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -1025,6 +1027,32 @@ def test_resume_of_a_run_saved_before_masking_existed(tmp_path):
     run_train(tmp_path, "--max-steps", "3", "--whole-word", "--resume")
     resumed = torch.load(out / "ckpt.pt", weights_only=True)
     assert resumed["step"] == 3 and resumed["model_config"]["masking"] == "word"
+
+def test_ctrl_c_saves_a_checkpoint_and_resuming_is_exact(tmp_path):
+    """SIGINT mid-run: the step finishes, a checkpoint is saved, the exit says how to resume (status 130); resuming
+    from it ends bitwise where an uninterrupted run ends."""
+    corpus = toy_corpus(tmp_path / "corpus")
+    common = ["--data", corpus, *TINY_ARGS, "--schedule-steps", "3000", "--eval-every", "1000", "--samples", "0"]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *common, "--out-dir", str(out),
+                             "--max-steps", "3000"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while not (out / "log.jsonl").exists() or len(open(out / "log.jsonl").readlines()) < 5:  # mid-training
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr
+    assert "--resume" in stdout and "stopped at step" in stdout
+    k = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert 5 <= k < 3000
+    end = str(k + 5)
+    assert train.main(["--out-dir", str(out), "--max-steps", end, "--resume"]) == 0
+    assert train.main([*common, "--out-dir", str(tmp_path / "straight"), "--max-steps", end]) == 0
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("stopped", "straight"))
+    assert a["step"] == b["step"] == k + 5
+    assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
 
 def test_benchmark_mode_reports_side_by_side(tmp_path, capsys):
     run_train(tmp_path, "--benchmark")

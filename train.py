@@ -23,7 +23,9 @@ import math
 import os
 import platform
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -174,6 +176,30 @@ def to_device(batch, device):
 
 def autocast_for(device, dtype):
     return torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+
+class GracefulStop:
+    """Ctrl-C (SIGINT) or SIGTERM during training asks the loop to stop after the current step and save a checkpoint;
+    a second one stops at once. Only in the main thread, where Python delivers signals."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __enter__(self):
+        main = threading.current_thread() is threading.main_thread()
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        return self
+
+    def request(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        tqdm.write(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                   f"(press Ctrl-C again to stop at once, without saving)")
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def save_atomic(obj, path):
@@ -391,53 +417,59 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
     metrics, ev = {}, {}
     bar = tqdm(total=tc.max_steps, initial=step, dynamic_ncols=True, disable=None)
     model.train()
-    while step < tc.max_steps:
-        mult = 1.0 if tc.optimizer == "ranger21" else mpnext.lr_multiplier(  # Ranger21 runs its own warmup/warmdown
-            step, tc.warmup_steps, schedule_steps, tc.decay, tc.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = tc.lr * mult
-        for _ in range(tc.grad_accum):
-            ids, starts = train_b.sample(gen)
-            batch = mpnext.make_batch(ids, cfg, gen, starts)
-            with autocast:
-                loss, metrics = loss_fn(to_device(batch, device))
-            scaler.scale(loss / tc.grad_accum).backward()
-            tokens += ids.numel()
-        if tc.grad_clip > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            now = time.time()
-            tok_s = (tokens - tok_last) / max(now - t_last, 1e-9)
-            t_last, tok_last = now, tokens
-            row = {"step": step, **{k: v.item() for k, v in metrics.items()}, "lr": lr_now(optimizer, step),
-                   "tok_s": round(tok_s)}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            heads = {k: f"{row[k]:.2f}" for k in ("gen_acc", "disc_auc", "disc_recall", "sbo_loss") if k in row}
-            bar.set_postfix(loss=f"{row['loss']:.3f}", **heads, lr=f"{row['lr']:.2e}", tok_s=f"{tok_s / 1e3:.1f}k")
-        if step % tc.eval_every == 0 or step == tc.max_steps:
-            with slow_weights(optimizer):  # Lookahead: evaluate the slow weights phi (the fast ones come back)
-                ev = evaluate(model, val_b, cfg, tc, device, autocast)
-            best = min(best, ev["val_loss"])
-            log.write(json.dumps({"step": step, "loss": metrics["loss"].item(), **ev}) + "\n")
-            log.flush()
-            tqdm.write(f"step {step}: {score_line(ev)}")
-            if tc.samples:
-                tqdm.write(fill_in_samples(model, tok, val_b, cfg, device, tc.samples))
-            checkpoint()
+    with GracefulStop() as stop:  # Ctrl-C: finish the step, then save below
+        while step < tc.max_steps and stop.signum is None:
+            mult = 1.0 if tc.optimizer == "ranger21" else mpnext.lr_multiplier(  # Ranger21 runs its own warmup/warmdown
+                step, tc.warmup_steps, schedule_steps, tc.decay, tc.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = tc.lr * mult
+            for _ in range(tc.grad_accum):
+                ids, starts = train_b.sample(gen)
+                batch = mpnext.make_batch(ids, cfg, gen, starts)
+                with autocast:
+                    loss, metrics = loss_fn(to_device(batch, device))
+                scaler.scale(loss / tc.grad_accum).backward()
+                tokens += ids.numel()
+            if tc.grad_clip > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                now = time.time()
+                tok_s = (tokens - tok_last) / max(now - t_last, 1e-9)
+                t_last, tok_last = now, tokens
+                row = {"step": step, **{k: v.item() for k, v in metrics.items()}, "lr": lr_now(optimizer, step),
+                       "tok_s": round(tok_s)}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                heads = {k: f"{row[k]:.2f}" for k in ("gen_acc", "disc_auc", "disc_recall", "sbo_loss") if k in row}
+                bar.set_postfix(loss=f"{row['loss']:.3f}", **heads, lr=f"{row['lr']:.2e}", tok_s=f"{tok_s / 1e3:.1f}k")
+            if step % tc.eval_every == 0 or step == tc.max_steps:
+                with slow_weights(optimizer):  # Lookahead: evaluate the slow weights phi (the fast ones come back)
+                    ev = evaluate(model, val_b, cfg, tc, device, autocast)
+                best = min(best, ev["val_loss"])
+                log.write(json.dumps({"step": step, "loss": metrics["loss"].item(), **ev}) + "\n")
+                log.flush()
+                tqdm.write(f"step {step}: {score_line(ev)}")
+                if tc.samples:
+                    tqdm.write(fill_in_samples(model, tok, val_b, cfg, device, tc.samples))
+                checkpoint()
     bar.close()
     log.close()
+    if stop.signum is not None and step < tc.max_steps:
+        checkpoint()
+        print(f"stopped at step {step} of {tc.max_steps}; {tc.out_dir}/ckpt.pt is saved. Continue with:\n"
+              f"  python train.py --out-dir {tc.out_dir} --resume", flush=True)
+        return model, ev, stop.signum
     minutes = (time.time() - t0) / 60
     if ev:
         print(f"summary | {recipe(cfg)} | params {n_params / 1e6:.2f}M | {device} | {minutes:.1f} min | "
               f"{tokens / max(minutes * 60, 1e-9) / 1e3:.1f}k tok/s | {score_line(ev)}")
-    return model, ev
+    return model, ev, None
 
 
 def device_name(device):
@@ -564,8 +596,11 @@ def main(argv=None):
     except (data.DataError, ValueError) as e:  # user mistakes: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    (benchmark if run[0].benchmark else train)(*run)
-    return 0
+    if run[0].benchmark:
+        benchmark(*run)
+        return 0
+    signum = train(*run)[2]
+    return 0 if signum is None else 128 + signum  # the shell's status for a process ended by that signal
 
 
 if __name__ == "__main__":
