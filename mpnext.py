@@ -366,6 +366,10 @@ def check_config(cfg):
         raise ValueError(f"rel_buckets={cfg.rel_buckets}: need an even number >= 4 (half per side)")
     if cfg.d_embed < 0:
         raise ValueError(f"d_embed={cfg.d_embed}: use 0 (= d_model) or a positive width")
+    if not (0 < cfg.pred_ratio <= 1 and 0 <= cfg.mask_prob and 0 <= cfg.random_prob and
+            cfg.mask_prob + cfg.random_prob <= 1):
+        raise ValueError(f"pred_ratio={cfg.pred_ratio}, mask_prob={cfg.mask_prob}, random_prob={cfg.random_prob}: "
+                         f"need 0 < pred_ratio <= 1 and mask_prob, random_prob >= 0 with a sum <= 1")
     if not (0 < cfg.span_p < 1 and cfg.span_max >= 1):
         raise ValueError(f"span_p={cfg.span_p}, span_max={cfg.span_max}: need 0 < span_p < 1 and span_max >= 1")
     if cfg.rtd and not (0 < cfg.gen_width <= 1 and 0 < cfg.rtd_ratio <= 1):

@@ -1015,6 +1015,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, opt, heads):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k  # bitwise on CPU
     assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(resumed)]
+    assert train.main(["--out-dir", str(resumed), "--max-steps", "8", "--resume"]) == 2  # nothing left to do
 
 
 def test_resume_of_a_run_saved_before_masking_existed(tmp_path):
@@ -1090,7 +1091,10 @@ def test_cli_user_errors_are_one_line(tmp_path):
              (["--preset", "enormous"], "unknown preset"), (["--resume", "--out-dir", "nowhere"], "ckpt.pt"),
              (["--resume", "--out-dir", "junk"], "not a checkpoint"), (["--grad-accum", "0"], "--grad-accum"),
              (["--n-head", "3"], "multiple of n_head"),
-             (["--objective", "mlm", "--rtd", "--sbo"], "leak the span"), (["--masking", "spans"], "invalid choice")]
+             (["--objective", "mlm", "--rtd", "--sbo"], "leak the span"), (["--masking", "spans"], "invalid choice"),
+             (["--max-steps", "0"], "--max-steps"), (["--lr=-1e-3"], "--lr"), (["--lr", "nan"], "--lr"),
+             (["--pred-ratio", "1.5"], "pred_ratio"), (["--out-dir", "empty.txt"], "is a file"),
+             (["--out-dir", "junk"], "already holds a run"), (["--out-dir", "/proc/nowhere"], "cannot create")]
     os.makedirs(tmp_path / "junk")
     (tmp_path / "junk" / "ckpt.pt").write_bytes(b"not a checkpoint")
     for args, needle in cases:

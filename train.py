@@ -309,6 +309,11 @@ def setup(argv=None):
     out_dir = train_args.get("out_dir", TrainConfig.out_dir)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     ckpt = None
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out-dir {out_dir} is a file; name a directory")
+    if os.path.exists(ckpt_path) and not train_args.get("resume"):  # (--benchmark would rewrite its tokenizer)
+        raise ValueError(f"{out_dir} already holds a run ({ckpt_path}); continue it with --resume, or pick another "
+                         f"--out-dir")
     if train_args.get("resume"):
         if not os.path.exists(ckpt_path):
             raise ValueError(f"--resume: {ckpt_path} does not exist; run without --resume first")
@@ -322,6 +327,8 @@ def setup(argv=None):
         except Exception as e:  # corrupt file, or a checkpoint of another program / version
             raise ValueError(f"{ckpt_path}: not a checkpoint this train.py can resume ({type(e).__name__}); "
                              f"use another --out-dir or delete it") from None
+        if tc.max_steps <= ckpt["step"]:
+            raise ValueError(f"--resume: {ckpt_path} is at step {ckpt['step']} already; pass a larger --max-steps")
         changed = sorted(k for k, v in model_args.items() if getattr(cfg, k) != v)
         if changed:  # the same command line plus --resume is fine; a different model is not
             raise ValueError(f"--resume keeps the model/objective of the checkpoint; drop or fix {changed}")
@@ -332,10 +339,13 @@ def setup(argv=None):
         preset = mpnext.MPNextConfig.from_preset(tc.preset)
         cfg = dataclasses.replace(preset, **{"max_len": max(preset.max_len, tc.seq_len), **model_args})
     check_run(tc, cfg)  # fail fast, before any data work
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out-dir {out_dir}: cannot create it ({e.strerror}); pick a writable directory") from None
     device = pick_device(tc.device)
     docs = data.load_documents(tc.data or None)
     train_docs, val_docs = data.split_documents(docs, seed=tc.seed)
-    os.makedirs(out_dir, exist_ok=True)
     if tok is None:
         print(f"training a {tc.vocab}-token BPE on {sum(map(len, train_docs)) / 1e6:.1f} MB ...", flush=True)
         tok = data.Tokenizer.train(train_docs, vocab_size=tc.vocab)
@@ -355,9 +365,12 @@ def check_run(tc, cfg):
     mpnext.check_config(cfg)
     if tc.seq_len > cfg.max_len:
         raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_len {cfg.max_len}")
-    for name in ("batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every", "vocab"):
+    for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every",
+                 "vocab"):
         if getattr(tc, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(tc, name)}")
+    if not (math.isfinite(tc.lr) and 0 < tc.lr < 1):
+        raise ValueError(f"--lr {tc.lr}: use a positive learning rate below 1 (the default is 1.5e-3)")
     if round(cfg.pred_ratio * tc.seq_len) < 1:
         raise ValueError(f"--pred-ratio {cfg.pred_ratio} x --seq-len {tc.seq_len} predicts no token; raise either")
     if cfg.rtd and cfg.objective != "mlm" and mpnext.replaced_count(cfg, tc.seq_len) < 1:
