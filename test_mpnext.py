@@ -1055,6 +1055,54 @@ def test_ctrl_c_saves_a_checkpoint_and_resuming_is_exact(tmp_path):
     assert a["step"] == b["step"] == k + 5
     assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
 
+def nan_losses_at(monkeypatch, bad_calls):
+    """Make the training loss NaN on the given training calls (1-based); evaluation is left alone."""
+    real, calls = MPNext.loss, [0]
+
+    def loss(self, batch):
+        value, metrics = real(self, batch)
+        if self.training:
+            calls[0] += 1
+            if calls[0] in bad_calls:
+                value = value * float("nan")
+        return value, metrics
+
+    monkeypatch.setattr(MPNext, "loss", loss)
+
+
+def test_a_nan_loss_is_skipped(tmp_path, monkeypatch, capsys):
+    nan_losses_at(monkeypatch, {3})
+    out = run_train(tmp_path, "--max-steps", "8", "--eval-every", "4")
+    assert "update skipped (1 in a row" in capsys.readouterr().out
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 8 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("poison", [False, True])
+def test_persistent_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys, poison):
+    """NaN losses from step 6 on: updates are skipped (the weights stay good: step 8 is saved) and the run stops after
+    5 in a row. With a NaN weight (poison), validation is NaN too and step 8 must not overwrite step 4's checkpoint."""
+    if poison:
+        real = MPNext.loss
+
+        def loss(self, batch):
+            if self.training and not hasattr(self, "poisoned") and (tmp_path / "out" / "log.jsonl").exists() \
+                    and len(open(tmp_path / "out" / "log.jsonl").readlines()) >= 6:  # 5 steps + the step-4 eval
+                self.poisoned = True
+                with torch.no_grad():
+                    self.head_bias.fill_(float("nan"))
+            return real(self, batch)
+
+        monkeypatch.setattr(MPNext, "loss", loss)
+    else:
+        nan_losses_at(monkeypatch, set(range(6, 100)))
+    argv = ["--data", toy_corpus(tmp_path / "corpus"), "--out-dir", str(tmp_path / "out"), *TINY_ARGS,
+            "--max-steps", "40", "--eval-every", "4"]
+    assert train.main(argv) == 1
+    assert "not finite for 5 steps in a row (up to step 10)" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == (4 if poison else 8) and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
 def test_benchmark_mode_reports_side_by_side(tmp_path, capsys):
     run_train(tmp_path, "--benchmark")
     out = capsys.readouterr().out

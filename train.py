@@ -178,6 +178,9 @@ def autocast_for(device, dtype):
     return torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
+MAX_BAD_STEPS = 5  # non-finite losses in a row before a run gives up
+
+
 class GracefulStop:
     """Ctrl-C (SIGINT) or SIGTERM during training asks the loop to stop after the current step and save a checkpoint;
     a second one stops at once. Only in the main thread, where Python delivers signals."""
@@ -254,7 +257,7 @@ def evaluate(model, batches, cfg, tc, device, autocast):
                 _, m = model.loss(to_device(batch, device))
             for k, v in m.items():
                 key, v = f"{name}_{k}", v.item()
-                if (name == "val" or k in ("loss", "acc")) and not math.isnan(v):  # an AUC can be undefined
+                if (name == "val" or k in ("loss", "acc")) and not (k == "disc_auc" and math.isnan(v)):  # undefined
                     sums[key], counts[key] = sums.get(key, 0.0) + v, counts.get(key, 0) + 1
     model.train()
     return {k: v / counts[k] for k, v in sums.items()}
@@ -427,7 +430,7 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
                      "best_val": best, "rng": rng}, os.path.join(tc.out_dir, "ckpt.pt"))
 
     t0, tokens, t_last, tok_last = time.time(), 0, time.time(), 0
-    metrics, ev = {}, {}
+    metrics, ev, bad_steps = {}, {}, 0
     bar = tqdm(total=tc.max_steps, initial=step, dynamic_ncols=True, disable=None)
     model.train()
     with GracefulStop() as stop:  # Ctrl-C: finish the step, then save below
@@ -436,20 +439,33 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
                 step, tc.warmup_steps, schedule_steps, tc.decay, tc.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = tc.lr * mult
+            step_loss, grad_norm = 0.0, None
             for _ in range(tc.grad_accum):
                 ids, starts = train_b.sample(gen)
                 batch = mpnext.make_batch(ids, cfg, gen, starts)
                 with autocast:
                     loss, metrics = loss_fn(to_device(batch, device))
                 scaler.scale(loss / tc.grad_accum).backward()
+                step_loss += loss.detach()
                 tokens += ids.numel()
             if tc.grad_clip > 0:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            scaler.step(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            grads_ok = grad_norm is None or bool(torch.isfinite(grad_norm))
+            if bool(torch.isfinite(step_loss)) and (grads_ok or scaler.is_enabled()):
+                scaler.step(optimizer)  # an fp16 overflow (finite loss, inf grads): the scaler skips, lowers its scale
+                bad_steps = 0
+                if not grads_ok:
+                    tqdm.write(f"step {step + 1}: fp16 gradient overflow; the loss scaler skipped this update")
+            else:  # never step on a NaN: skip the update, keep going, stop if it persists
+                bad_steps += 1
+                tqdm.write(f"step {step + 1}: the loss or the gradients are not finite; update skipped "
+                           f"({bad_steps} in a row, the run stops at {MAX_BAD_STEPS})")
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if bad_steps >= MAX_BAD_STEPS:
+                break
             bar.update(1)
             if step % tc.log_every == 0 or step == tc.max_steps:
                 now = time.time()
@@ -468,21 +484,29 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
                 log.write(json.dumps({"step": step, "loss": metrics["loss"].item(), **ev}) + "\n")
                 log.flush()
                 tqdm.write(f"step {step}: {score_line(ev)}")
+                if not math.isfinite(ev["val_loss"]):  # a poisoned model never overwrites the last good checkpoint
+                    tqdm.write(f"step {step}: validation loss is not finite; {tc.out_dir}/ckpt.pt is not overwritten")
+                    continue
                 if tc.samples:
                     tqdm.write(fill_in_samples(model, tok, val_b, cfg, device, tc.samples))
                 checkpoint()
     bar.close()
     log.close()
+    if bad_steps >= MAX_BAD_STEPS:
+        print(f"error: the loss or the gradients were not finite for {bad_steps} steps in a row (up to step {step}); "
+              f"the last good checkpoint, {tc.out_dir}/ckpt.pt, is untouched. Lower --lr, or try --dtype float32",
+              file=sys.stderr)
+        return model, ev, 1
     if stop.signum is not None and step < tc.max_steps:
         checkpoint()
         print(f"stopped at step {step} of {tc.max_steps}; {tc.out_dir}/ckpt.pt is saved. Continue with:\n"
               f"  python train.py --out-dir {tc.out_dir} --resume", flush=True)
-        return model, ev, stop.signum
+        return model, ev, 128 + stop.signum  # the shell's status for a process ended by that signal
     minutes = (time.time() - t0) / 60
     if ev:
         print(f"summary | {recipe(cfg)} | params {n_params / 1e6:.2f}M | {device} | {minutes:.1f} min | "
               f"{tokens / max(minutes * 60, 1e-9) / 1e3:.1f}k tok/s | {score_line(ev)}")
-    return model, ev, None
+    return model, ev, 0
 
 
 def device_name(device):
@@ -612,8 +636,7 @@ def main(argv=None):
     if run[0].benchmark:
         benchmark(*run)
         return 0
-    signum = train(*run)[2]
-    return 0 if signum is None else 128 + signum  # the shell's status for a process ended by that signal
+    return train(*run)[2]  # 0, or 1 after persistent non-finite losses, or 128 + signal after Ctrl-C / SIGTERM
 
 
 if __name__ == "__main__":
