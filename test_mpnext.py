@@ -1016,6 +1016,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, opt, heads):
         assert torch.equal(a["model"][k], b["model"][k]), k  # bitwise on CPU
     assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(resumed)]
     assert train.main(["--out-dir", str(resumed), "--max-steps", "8", "--resume"]) == 2  # nothing left to do
+    assert train.main(["--out-dir", str(resumed), "--max-steps", "9", "--resume", "--preset", "small"]) == 2
 
 
 def test_resume_of_a_run_saved_before_masking_existed(tmp_path):
@@ -1076,6 +1077,15 @@ def test_a_nan_loss_is_skipped(tmp_path, monkeypatch, capsys):
     assert "update skipped (1 in a row" in capsys.readouterr().out
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 8 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_save_every_and_an_all_warmup_warning(tmp_path, monkeypatch, capsys):
+    nan_losses_at(monkeypatch, set(range(6, 100)))  # the run stops at step 10; only --save-every saved before that
+    argv = ["--data", toy_corpus(tmp_path / "corpus"), "--out-dir", str(tmp_path / "out"), *TINY_ARGS,
+            "--max-steps", "40", "--eval-every", "100", "--save-every", "2", "--warmup-steps", "50"]
+    assert train.main(argv) == 1
+    assert "never leaves warmup" in capsys.readouterr().err
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 4  # 6, 8, 10 followed NaN steps
 
 
 @pytest.mark.parametrize("poison", [False, True])
@@ -1142,7 +1152,9 @@ def test_cli_user_errors_are_one_line(tmp_path):
              (["--objective", "mlm", "--rtd", "--sbo"], "leak the span"), (["--masking", "spans"], "invalid choice"),
              (["--max-steps", "0"], "--max-steps"), (["--lr=-1e-3"], "--lr"), (["--lr", "nan"], "--lr"),
              (["--pred-ratio", "1.5"], "pred_ratio"), (["--out-dir", "empty.txt"], "is a file"),
-             (["--out-dir", "junk"], "already holds a run"), (["--out-dir", "/proc/nowhere"], "cannot create")]
+             (["--out-dir", "junk"], "already holds a run"), (["--out-dir", "/proc/nowhere"], "cannot create"),
+             (["--lr", "-1e-3"], "--lr -0.001"), (["--max-steps", "200", "--schedule-steps", "100"], "past --schedule"),
+             (["--save-every", "-1"], "--save-every")]
     os.makedirs(tmp_path / "junk")
     (tmp_path / "junk" / "ckpt.pt").write_bytes(b"not a checkpoint")
     for args, needle in cases:

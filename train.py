@@ -61,6 +61,7 @@ class TrainConfig:
     eps: float = 1e-6  # Adam epsilon (MPNet: 1e-6)
     grad_clip: float = 1.0  # global gradient-norm clipping; 0 = off
     eval_every: int = 200  # steps between evaluations (and checkpoints)
+    save_every: int = 0  # steps between extra checkpoints without an evaluation; 0 = at evaluations only
     eval_batches: int = 20  # validation batches per evaluation
     log_every: int = 10  # steps between log.jsonl rows
     samples: int = 3  # fill-in-the-blank samples printed at each evaluation
@@ -90,6 +91,11 @@ def field_help(cls):
 
 
 class OneLineParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes "-1e-3" for an option (its pattern knows no exponent): read it as a number, then judge it
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
     def error(self, message):  # argparse would print the whole usage first: one line says it
         self.exit(2, f"error: {message} (python train.py --help lists every flag)\n")
 
@@ -330,6 +336,9 @@ def setup(argv=None):
         except Exception as e:  # corrupt file, or a checkpoint of another program / version
             raise ValueError(f"{ckpt_path}: not a checkpoint this train.py can resume ({type(e).__name__}); "
                              f"use another --out-dir or delete it") from None
+        if train_args.get("preset", tc.preset) != ckpt["train_config"]["preset"]:
+            raise ValueError(f"--resume keeps the checkpoint's model (preset {ckpt['train_config']['preset']}); "
+                             f"drop --preset or use another --out-dir")
         if tc.max_steps <= ckpt["step"]:
             raise ValueError(f"--resume: {ckpt_path} is at step {ckpt['step']} already; pass a larger --max-steps")
         changed = sorted(k for k, v in model_args.items() if getattr(cfg, k) != v)
@@ -368,6 +377,8 @@ def check_run(tc, cfg):
     mpnext.check_config(cfg)
     if tc.seq_len > cfg.max_len:
         raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_len {cfg.max_len}")
+    if tc.save_every < 0:
+        raise ValueError(f"--save-every must be 0 (at evaluations only) or positive, got {tc.save_every}")
     for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every",
                  "vocab"):
         if getattr(tc, name) < 1:
@@ -380,6 +391,12 @@ def check_run(tc, cfg):
         raise ValueError(f"--rtd-ratio {cfg.rtd_ratio} x --seq-len {tc.seq_len} replaces no token; raise either")
     if tc.batch_size % tc.grad_accum:
         raise ValueError(f"--batch-size {tc.batch_size} must be a multiple of --grad-accum {tc.grad_accum}")
+    if tc.schedule_steps and tc.max_steps > tc.schedule_steps and tc.min_lr_ratio == 0 and tc.optimizer != "ranger21":
+        raise ValueError(f"--max-steps {tc.max_steps} runs past --schedule-steps {tc.schedule_steps}, where the "
+                         f"learning rate is 0; raise --schedule-steps (or set --min-lr-ratio)")
+    if tc.warmup_steps >= (tc.schedule_steps or tc.max_steps):
+        print(f"warning: --warmup-steps {tc.warmup_steps} covers the whole {tc.schedule_steps or tc.max_steps}-step "
+              f"plan: the learning rate never leaves warmup", file=sys.stderr)
 
 
 def make_optimizer(model, tc):
@@ -489,6 +506,8 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
                     continue
                 if tc.samples:
                     tqdm.write(fill_in_samples(model, tok, val_b, cfg, device, tc.samples))
+                checkpoint()
+            elif tc.save_every and step % tc.save_every == 0 and bad_steps == 0:  # never right after a NaN
                 checkpoint()
     bar.close()
     log.close()
