@@ -1135,6 +1135,13 @@ def test_auto_dtype_is_bf16_where_the_hardware_has_it(monkeypatch):
     assert train.pick_dtype("auto", "cpu") == torch.float32 and train.pick_dtype("auto", "cuda") == torch.float16
     assert train.pick_dtype("float32", "cpu") == torch.float32  # the opt-out
 
+@pytest.mark.parametrize("preset,width", [("tiny", 128), ("base", 768)])
+def test_help_shows_the_defaults_of_the_preset_in_use(preset, width, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", preset, "--help"] if preset != "tiny" else ["--help"])
+    assert f"hidden size D (default: {width})" in capsys.readouterr().out
+
 def cli(*args, cwd):
     return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=120)

@@ -103,12 +103,16 @@ class OneLineParser(argparse.ArgumentParser):
 def parse_args(argv=None):
     """Returns (train flags, model flags) holding only what the user typed, so --resume can tell them apart."""
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    preset_arg = argparse.ArgumentParser(add_help=False)  # --help shows the defaults of the preset in use
+    preset_arg.add_argument("--preset", default=TrainConfig.preset)
+    preset = mpnext.PRESETS.get(preset_arg.parse_known_args(argv)[0].preset, {})
     for cls in (TrainConfig, mpnext.MPNextConfig):
         group, helps = p.add_argument_group(f"{cls.__name__} fields"), field_help(cls)
         for f in dataclasses.fields(cls):
             if f.name in FROM_TOKENIZER:
                 continue
-            flag, help_ = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {f.default})"
+            default = preset.get(f.name, f.default) if cls is mpnext.MPNextConfig else f.default
+            flag, help_ = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {default})"
             if f.type is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
             else:
