@@ -1161,7 +1161,7 @@ def test_cli_user_errors_are_one_line(tmp_path):
              (["--pred-ratio", "1.5"], "pred_ratio"), (["--out-dir", "empty.txt"], "is a file"),
              (["--out-dir", "junk"], "already holds a run"), (["--out-dir", "/proc/nowhere"], "cannot create"),
              (["--lr", "-1e-3"], "--lr -0.001"), (["--max-steps", "200", "--schedule-steps", "100"], "past --schedule"),
-             (["--save-every", "-1"], "--save-every")]
+             (["--save-every", "-1"], "--save-every"), (["--vocab", "-10"], "--vocab"), (["--vocab", "100"], "at least 261")]
     os.makedirs(tmp_path / "junk")
     (tmp_path / "junk" / "ckpt.pt").write_bytes(b"not a checkpoint")
     for args, needle in cases:

@@ -381,10 +381,11 @@ def check_run(tc, cfg):
     mpnext.check_config(cfg)
     if tc.seq_len > cfg.max_len:
         raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_len {cfg.max_len}")
+    if tc.vocab < len(data.SPECIAL_TOKENS) + 256:  # the BPE starts from the specials and the 256 bytes
+        raise ValueError(f"--vocab {tc.vocab}: a byte-level BPE needs at least {len(data.SPECIAL_TOKENS) + 256}")
     if tc.save_every < 0:
         raise ValueError(f"--save-every must be 0 (at evaluations only) or positive, got {tc.save_every}")
-    for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every",
-                 "vocab"):
+    for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every"):
         if getattr(tc, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(tc, name)}")
     if not (math.isfinite(tc.lr) and 0 < tc.lr < 1):
