@@ -470,8 +470,8 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
                 scaler.scale(loss / tc.grad_accum).backward()
                 step_loss += loss.detach()
                 tokens += ids.numel()
+            scaler.unscale_(optimizer)  # true gradients for clipping and the scaler's inf check (no-op without fp16)
             if tc.grad_clip > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             grads_ok = grad_norm is None or bool(torch.isfinite(grad_norm))
             if bool(torch.isfinite(step_loss)) and (grads_ok or scaler.is_enabled()):
