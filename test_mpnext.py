@@ -1114,7 +1114,10 @@ def test_persistent_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     assert ckpt["step"] == (4 if poison else 8) and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 def test_benchmark_mode_reports_side_by_side(tmp_path, capsys):
-    run_train(tmp_path, "--benchmark")
+    run_train(tmp_path, "--max-steps", "2")
+    capsys.readouterr()
+    run_train(tmp_path, "--benchmark")  # beside a finished run in the same --out-dir, touching none of its files
+    assert (tmp_path / "out" / "benchmark" / "tokenizer.json").exists()
     out = capsys.readouterr().out
     assert "tokenizer |" in out and "MB/s" in out
     assert "float32: measured matmul peak" in out

@@ -67,7 +67,7 @@ class TrainConfig:
     samples: int = 3  # fill-in-the-blank samples printed at each evaluation
     seed: int = 0  # seeds the model init, every batch and every mask draw
     device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto: bf16 where GPU/CPU have bf16 matmuls, else fp16 (CUDA) or fp32 | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bf16 with bf16 matmuls, else fp16 on CUDA, else fp32) | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the loss (GPU speed knob; costs seconds to minutes at start)
     resume: bool = False  # continue from out_dir/ckpt.pt
     benchmark: bool = False  # instead of training: time the tokenizer and one training step per objective (and HF's)
@@ -103,7 +103,7 @@ class OneLineParser(argparse.ArgumentParser):
 def parse_args(argv=None):
     """Returns (train flags, model flags) holding only what the user typed, so --resume can tell them apart."""
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    preset_arg = argparse.ArgumentParser(add_help=False)  # --help shows the defaults of the preset in use
+    preset_arg = OneLineParser(add_help=False)  # --help shows the defaults of the preset in use
     preset_arg.add_argument("--preset", default=TrainConfig.preset)
     preset = mpnext.PRESETS.get(preset_arg.parse_known_args(argv)[0].preset, {})
     for cls in (TrainConfig, mpnext.MPNextConfig):
@@ -212,7 +212,8 @@ class GracefulStop:
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
-            signal.signal(s, handler)
+            if handler is not None:  # None: a handler installed outside Python, which cannot be restored from here
+                signal.signal(s, handler)
 
 
 def save_atomic(obj, path):
@@ -319,6 +320,9 @@ def score_line(ev):
 def setup(argv=None):
     """Everything that can fail because of user input happens here, before any training."""
     train_args, model_args = parse_args(argv)
+    if train_args.get("benchmark"):  # its tokenizer and token caches go beside a run's files, never over them
+        train_args.update(out_dir=os.path.join(train_args.get("out_dir", TrainConfig.out_dir), "benchmark"),
+                          resume=False)
     out_dir = train_args.get("out_dir", TrainConfig.out_dir)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     ckpt = None
@@ -444,15 +448,20 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
           f"{len(train_b.stream) / 1e6:.2f}M train tokens | steps {step}->{tc.max_steps}", flush=True)
 
     def checkpoint():
+        """Save everything for an exact resume; never weights that are not finite (the last good file stays)."""
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            tqdm.write(f"step {step}: the weights are not finite; {tc.out_dir}/ckpt.pt is not overwritten")
+            return False
         rng = {"batches": gen.get_state(), "torch": torch.get_rng_state()}
         if device == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "model_config": dataclasses.asdict(cfg), "train_config": dataclasses.asdict(tc), "step": step,
                      "best_val": best, "rng": rng}, os.path.join(tc.out_dir, "ckpt.pt"))
+        return True
 
     t0, tokens, t_last, tok_last = time.time(), 0, time.time(), 0
-    metrics, ev, bad_steps = {}, {}, 0
+    metrics, ev, bad_steps, overflows = {}, {}, 0, 0
     bar = tqdm(total=tc.max_steps, initial=step, dynamic_ncols=True, disable=None)
     model.train()
     with GracefulStop() as stop:  # Ctrl-C: finish the step, then save below
@@ -471,14 +480,17 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
                 step_loss += loss.detach()
                 tokens += ids.numel()
             scaler.unscale_(optimizer)  # true gradients for clipping and the scaler's inf check (no-op without fp16)
-            if tc.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            grads_ok = grad_norm is None or bool(torch.isfinite(grad_norm))
+            # the norm is needed for the finiteness check even without clipping (max_norm inf: scales by exactly 1)
+            max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            grads_ok = bool(torch.isfinite(grad_norm))
             if bool(torch.isfinite(step_loss)) and (grads_ok or scaler.is_enabled()):
                 scaler.step(optimizer)  # an fp16 overflow (finite loss, inf grads): the scaler skips, lowers its scale
-                bad_steps = 0
+                bad_steps, overflows = 0, 0 if grads_ok else overflows + 1
                 if not grads_ok:
                     tqdm.write(f"step {step + 1}: fp16 gradient overflow; the loss scaler skipped this update")
+                    if overflows >= 6 * MAX_BAD_STEPS:  # the scale has halved 30 times: the gradients are bad
+                        bad_steps = overflows
             else:  # never step on a NaN: skip the update, keep going, stop if it persists
                 bad_steps += 1
                 tqdm.write(f"step {step + 1}: the loss or the gradients are not finite; update skipped "
@@ -522,15 +534,16 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
               file=sys.stderr)
         return model, ev, 1
     if stop.signum is not None and step < tc.max_steps:
-        checkpoint()
-        print(f"stopped at step {step} of {tc.max_steps}; {tc.out_dir}/ckpt.pt is saved. Continue with:\n"
+        saved = bad_steps == 0 and checkpoint()
+        print(f"stopped at step {step} of {tc.max_steps}; {tc.out_dir}/ckpt.pt holds step "
+              f"{step if saved else 'of the last good checkpoint'}. Continue with:\n"
               f"  python train.py --out-dir {tc.out_dir} --resume", flush=True)
         return model, ev, 128 + stop.signum  # the shell's status for a process ended by that signal
     minutes = (time.time() - t0) / 60
     if ev:
         print(f"summary | {recipe(cfg)} | params {n_params / 1e6:.2f}M | {device} | {minutes:.1f} min | "
               f"{tokens / max(minutes * 60, 1e-9) / 1e3:.1f}k tok/s | {score_line(ev)}")
-    return model, ev, 0
+    return model, ev, 0 if math.isfinite(ev.get("val_loss", 0.0)) else 1
 
 
 def device_name(device):
