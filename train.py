@@ -329,7 +329,7 @@ def setup(argv=None):
     ckpt = None
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out-dir {out_dir} is a file; name a directory")
-    if os.path.exists(ckpt_path) and not train_args.get("resume"):  # (--benchmark would rewrite its tokenizer)
+    if os.path.exists(ckpt_path) and not train_args.get("resume"):
         raise ValueError(f"{out_dir} already holds a run ({ckpt_path}); continue it with --resume, or pick another "
                          f"--out-dir")
     if train_args.get("resume"):
@@ -345,7 +345,7 @@ def setup(argv=None):
         except Exception as e:  # corrupt file, or a checkpoint of another program / version
             raise ValueError(f"{ckpt_path}: not a checkpoint this train.py can resume ({type(e).__name__}); "
                              f"use another --out-dir or delete it") from None
-        if train_args.get("preset", tc.preset) != ckpt["train_config"]["preset"]:
+        if tc.preset != ckpt["train_config"]["preset"]:  # (tc holds the typed flags already)
             raise ValueError(f"--resume keeps the checkpoint's model (preset {ckpt['train_config']['preset']}); "
                              f"drop --preset or use another --out-dir")
         if tc.max_steps <= ckpt["step"]:
