@@ -1126,9 +1126,13 @@ def test_benchmark_mode_reports_side_by_side(tmp_path, capsys):
         assert "ms/step" in row and "of peak" in row and "build" in row and "GFLOP" in row
     try:
         import transformers  # noqa: F401
-        assert "x HF's MLM step" in out
+        assert "x HF's MLM speed" in out
     except ImportError:
         assert "no HF reference row" in out
+    assert "x MLM's time" in next(line for line in out.splitlines() if "MPNext mpnet " in line)
+    run_train(tmp_path, "--benchmark", "--bench-only", "mpnet", "--dtype", "float32")  # one row, one precision
+    rows = [line for line in capsys.readouterr().out.splitlines() if "ms/step" in line]
+    assert len(rows) == 1 and "MPNext mpnet " in rows[0]
 
 
 def test_auto_dtype_is_bf16_where_the_hardware_has_it(monkeypatch):

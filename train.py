@@ -71,6 +71,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the loss (GPU speed knob; costs seconds to minutes at start)
     resume: bool = False  # continue from out_dir/ckpt.pt
     benchmark: bool = False  # instead of training: time the tokenizer and one training step per objective (and HF's)
+    bench_only: str = ""  # --benchmark rows, comma-separated (hf,mlm,plm,mpnet,mlm+rtd,mpnet+rtd,mpnet+span+sbo); "" = all
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -399,6 +400,9 @@ def check_run(tc, cfg):
         raise ValueError(f"--pred-ratio {cfg.pred_ratio} x --seq-len {tc.seq_len} predicts no token; raise either")
     if cfg.rtd and cfg.objective != "mlm" and mpnext.replaced_count(cfg, tc.seq_len) < 1:
         raise ValueError(f"--rtd-ratio {cfg.rtd_ratio} x --seq-len {tc.seq_len} replaces no token; raise either")
+    unknown = set(tc.bench_only.split(",")) - set(BENCH_ROWS) if tc.bench_only else set()
+    if unknown:
+        raise ValueError(f"--bench-only {tc.bench_only}: unknown row(s) {sorted(unknown)}; pick from {','.join(BENCH_ROWS)}")
     if tc.batch_size % tc.grad_accum:
         raise ValueError(f"--batch-size {tc.batch_size} must be a multiple of --grad-accum {tc.grad_accum}")
     if tc.schedule_steps and tc.max_steps > tc.schedule_steps and tc.min_lr_ratio == 0 and tc.optimizer != "ranger21":
@@ -559,7 +563,7 @@ def device_name(device):
 def matmul_peak(device, dtype, sync):
     """The measured matmul peak in FLOP/s: the best of a few square shapes, timed here, in this dtype."""
     best = 0.0
-    for n in (1024, 2048, 4096 if device == "cuda" else 1536):
+    for n in (1024, 2048, 4096, 8192) if device == "cuda" else (1024, 1536, 2048):
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
         a @ b  # warm-up
         sync()
@@ -569,6 +573,11 @@ def matmul_peak(device, dtype, sync):
         sync()
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
     return best
+
+
+BENCH_VARIANTS = [dict(objective="mlm"), dict(objective="plm"), dict(objective="mpnet"), dict(objective="mlm", rtd=True),
+                  dict(objective="mpnet", rtd=True), dict(objective="mpnet", masking="span", sbo=True)]
+BENCH_ROWS = ["hf", "mlm", "plm", "mpnet", "mlm+rtd", "mpnet+rtd", "mpnet+span+sbo"]  # --bench-only names
 
 
 def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, steps=10):
@@ -597,8 +606,9 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, steps=10):
         model.to(device).train()
         batch = to_device(batch, device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        with FlopCounterMode(display=False) as counter, autocast:
+        with FlopCounterMode(display=False) as counter, autocast:  # counted eagerly, timed as the run would train
             loss_fn(model, batch)
+        loss_fn = torch.compile(loss_fn) if tc.compile else loss_fn  # compiles in the warm-up steps
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         for i in range(steps + 2):  # 2 warm-up steps
@@ -622,31 +632,35 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, steps=10):
             mpnext.make_batch(block, vcfg, g, word_starts)
         return (time.perf_counter() - start) / steps
 
-    variants = [dict(objective="mlm"), dict(objective="plm"), dict(objective="mpnet"), dict(objective="mlm", rtd=True),
-                dict(objective="mpnet", rtd=True), dict(objective="mpnet", masking="span", sbo=True)]
-    dtypes = [torch.float32] + ([torch.bfloat16] if native_bf16(device) else [])
+    variants = [dataclasses.replace(cfg, **{**dict(masking="token", rtd=False, sbo=False), **v}) for v in BENCH_VARIANTS]
+    only = set(tc.bench_only.split(",")) if tc.bench_only else None
+    variants = [v for v in variants if only is None or recipe(v) in only]
+    if tc.dtype != "auto":  # an explicit --dtype: that precision alone
+        dtypes = [pick_dtype(tc.dtype, device)]
+    else:
+        dtypes = [torch.float32] + ([torch.bfloat16] if native_bf16(device) else [])
     print(f"training step | {device_name(device)} ({device}) | batch {ids.shape[0]} x {ids.shape[1]} tokens | "
-          f"{steps} steps each | model FLOPs = 3 x forward matmul FLOPs")
+          f"{steps} steps each{' | torch.compile' if tc.compile else ''} | model FLOPs = 3 x forward matmul FLOPs")
     for dtype in dtypes:
         autocast, name = autocast_for(device, dtype), str(dtype).split(".")[-1]
         peak = matmul_peak(device, dtype, sync)
         print(f"{name}: measured matmul peak {peak / 1e9:.0f} GFLOP/s")
         rows = {}
-        try:
-            import transformers
-            hc = transformers.MPNetConfig(
-                vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
-                num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_len + 2,
-                layer_norm_eps=cfg.layer_norm_eps, hidden_dropout_prob=cfg.dropout,
-                attention_probs_dropout_prob=cfg.attn_dropout)
-            labels = torch.full_like(ids, -100).scatter_(1, mlm["pred_positions"], mlm["targets"])  # fillers: -100
-            rows["HF MPNetForMaskedLM (mlm)"] = measure(
-                transformers.MPNetForMaskedLM(hc), lambda m, b: m(input_ids=b["ids"], labels=b["labels"]).loss,
-                {"ids": mlm["input_ids"], "labels": labels}, autocast) + (None,)
-        except ImportError:
-            print("  transformers is not installed: no HF reference row")
-        for variant in variants:
-            vcfg = dataclasses.replace(cfg, **{**dict(masking="token", rtd=False, sbo=False), **variant})
+        if only is None or "hf" in only:
+            try:
+                import transformers
+                hc = transformers.MPNetConfig(
+                    vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+                    num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_len + 2,
+                    layer_norm_eps=cfg.layer_norm_eps, hidden_dropout_prob=cfg.dropout,
+                    attention_probs_dropout_prob=cfg.attn_dropout)
+                labels = torch.full_like(ids, -100).scatter_(1, mlm["pred_positions"], mlm["targets"])  # fillers: -100
+                rows["HF MPNetForMaskedLM (mlm)"] = measure(
+                    transformers.MPNetForMaskedLM(hc), lambda m, b: m(input_ids=b["ids"], labels=b["labels"]).loss,
+                    {"ids": mlm["input_ids"], "labels": labels}, autocast) + (None,)
+            except ImportError:
+                print("  transformers is not installed: no HF reference row")
+        for vcfg in variants:
             try:
                 batch = mpnext.make_batch(ids, vcfg, torch.Generator().manual_seed(0), starts)
                 model = mpnext.MPNext(vcfg)
@@ -655,13 +669,14 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, steps=10):
                 continue
             rows[f"MPNext {recipe(vcfg)}"] = measure(model, lambda m, b: m.loss(b)[0], batch, autocast) + (
                 build_seconds(vcfg),)
-        ref = rows.get("HF MPNetForMaskedLM (mlm)")
+        ref, mlm_row = rows.get("HF MPNetForMaskedLM (mlm)"), rows.get("MPNext mlm")
         for row, (sec, flops, peak_mb, build) in rows.items():
             cells = [f"{sec * 1e3:8.1f} ms/step", f"{ids.numel() / sec / 1e3:6.1f}k tok/s",
                      f"{flops / 1e9:6.1f} GFLOP", f"{flops / sec / peak:4.0%} of peak"]
             cells += [f"build {build / (build + sec):4.1%}"] if build is not None else []
             cells += [f"{peak_mb:.0f} MB peak"] if peak_mb is not None else []
-            cells += [f"{ref[0] / sec:.2f}x HF's MLM step"] if ref else []
+            cells += [f"{sec / mlm_row[0]:.2f}x MLM's time"] if mlm_row and row.startswith("MPNext") else []
+            cells += [f"{ref[0] / sec:.2f}x HF's MLM speed"] if ref else []
             print(f"  {row:<26} " + " | ".join(cells))
 
 
