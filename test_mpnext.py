@@ -73,7 +73,7 @@ def test_relative_bucket_closed_form():
 
 
 def test_bucket_bias_equals_embedding_lookup_and_its_gradient():
-    """The bias lookup with a scatter-add backward matches nn.Embedding, value and gradient."""
+    """The bias lookup with its bincount backward matches nn.Embedding, value and gradient."""
     table = torch.randn(32, 4, dtype=torch.float64, requires_grad=True)
     bucket = torch.randint(0, 32, (3, 17, 11), generator=gen(0))
     grad = torch.randn(3, 17, 11, 4, dtype=torch.float64, generator=gen(1)).permute(0, 3, 1, 2)  # a strided grad,
