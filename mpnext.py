@@ -23,8 +23,9 @@ Reading guide (small pieces first, the model last):
                             (from_hf / to_hf, logits identical to MPNetForMaskedLM)
     6. input builders ..... masking units (token, whole word, SpanBERT span), permutation, 80/10/10 corruption,
                             MLM / PLM / MPNet batches, span boundaries, ELECTRA's replaced tokens (and MPNet + RTD)
-    7. optimizers ......... AdamW, RAdam, Lookahead, GC, AGC, Ranger, Ranger21 (and a factory for train.py)
-    8. schedules .......... warmup + linear / cosine decay
+    7. fine-tuning ........ pooling, the classification head's batches, and a SentEval-style logistic-regression probe
+    8. optimizers ......... AdamW, RAdam, Lookahead, GC, AGC, Ranger, Ranger21 (and a factory for train.py)
+    9. schedules .......... warmup + linear / cosine decay
 
 Shapes: B batch, N tokens of a sentence, P predicted tokens (per row at most), C = N - P, W non-predicted slots,
 T rows fed to the encoder, R replaced tokens (ELECTRA), H heads, hs head size, D = d_model, E embedding width,
@@ -83,6 +84,9 @@ class MPNextConfig:
     rtd_ratio: float = 0.15  # mpnet/plm + rtd: share of the non-predicted ordinary tokens the generator replaces
     gen_width: float = 0.25  # generator hidden size as a fraction of d_model (ELECTRA's best: 1/4 to 1/2); same depth
     sbo: bool = False  # SpanBERT's span boundary objective on the predicted spans (weight 1)
+    # -- fine-tuning (section 7)
+    n_classes: int = 0  # classes of the sequence-classification head; 0 = no head (pre-training)
+    pooling: str = "first"  # its input: "first" (the <s> row, MPNet/RoBERTa) or "mean" over the non-pad rows
 
     @classmethod
     def from_preset(cls, name, **overrides):
@@ -329,6 +333,20 @@ class SpanBoundaryHead(nn.Module):
         return self.ln2(self.act(self.fc2(h)))  # y_i, (B, P, E)
 
 
+class ClassificationHead(nn.Module):
+    """MPNet's sequence classifier (RoBERTa's, arXiv 1907.11692; HF MPNetClassificationHead): dropout, dense, tanh,
+    dropout, projection to the classes, on the pooled hidden state (section 7)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.drop = nn.Dropout(cfg.dropout)
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.n_classes)
+
+    def forward(self, pooled):
+        return self.out_proj(self.drop(torch.tanh(self.dense(self.drop(pooled)))))  # (B, n_classes)
+
+
 @torch.no_grad()
 def auc(scores, positive, scored):
     """Area under the ROC curve of `scores` over the `scored` entries: the chance that a random positive outscores a
@@ -375,6 +393,9 @@ def check_config(cfg):
         raise ValueError(f"span_p={cfg.span_p}, span_max={cfg.span_max}: need 0 < span_p < 1 and span_max >= 1")
     if cfg.rtd and not (0 < cfg.gen_width <= 1 and 0 < cfg.rtd_ratio <= 1):
         raise ValueError(f"gen_width={cfg.gen_width}, rtd_ratio={cfg.rtd_ratio}: both must be in (0, 1]")
+    if cfg.pooling not in ("first", "mean") or cfg.n_classes < 0 or cfg.n_classes == 1:
+        raise ValueError(f"pooling={cfg.pooling!r}, n_classes={cfg.n_classes}: pooling is 'first' or 'mean', "
+                         f"n_classes 0 (no head) or at least 2")
     if cfg.rtd and cfg.sbo and cfg.objective == "mlm":
         raise ValueError("--sbo with --objective mlm --rtd: the discriminator reads the generator's samples inside "
                          "each span (often the true tokens), so its boundary rows would leak the span; use mpnet/plm")
@@ -418,6 +439,8 @@ class MPNext(nn.Module):
             self.disc = DiscriminatorHead(cfg)
         if cfg.sbo:
             self.sbo = SpanBoundaryHead(cfg)
+        if cfg.n_classes:
+            self.classifier = ClassificationHead(cfg)
         self.apply(self._init_weights)
 
         with torch.no_grad():  # fairseq zeroes the padding rows
@@ -494,6 +517,10 @@ class MPNext(nn.Module):
     def forward(self, input_ids, attention_mask=None):
         return self.lm_head(self.encode(input_ids, attention_mask))  # (B, T, V)
 
+    def classify(self, input_ids, attention_mask):
+        """Class logits (B, n_classes) of the fine-tuning head (cfg.n_classes > 0)."""
+        return self.classifier(pool(self.encode(input_ids, attention_mask), attention_mask, self.cfg.pooling))
+
     # -- two streams (pre-training)
 
     def two_stream_encode(self, input_ids, positions, n_pred, kind="mpnet"):
@@ -530,7 +557,7 @@ class MPNext(nn.Module):
         losses, metrics = {}, {}
         if "rtd_targets" in batch:  # ELECTRA: the generator's samples go into the input, labels say where
             ids, replaced = self.replace_tokens(batch, losses, metrics)
-        if kind == "mlm":
+        if kind in ("mlm", "cls"):
             h = self.encode(ids, batch.get("attention_mask"))  # (B, N, D)
         else:
             P = batch["targets"].shape[1]
@@ -554,6 +581,10 @@ class MPNext(nn.Module):
             metrics.update(replaced=hit.sum() / n, disc_acc=((guess == replaced) & scored).sum() / n,
                            disc_precision=(guess & hit).sum() / (guess & scored).sum().clamp(min=1),
                            disc_recall=(guess & hit).sum() / hit.sum().clamp(min=1), disc_auc=auc(logits, hit, scored))
+        if "labels" in batch:  # fine-tuning: one label per sequence (section 7)
+            logits = self.classifier(pool(h, batch["attention_mask"], self.cfg.pooling)).float()  # (B, n_classes)
+            losses["cls"] = F.cross_entropy(logits, batch["labels"])
+            metrics["acc"] = (logits.argmax(-1) == batch["labels"]).float().mean()
         if "sbo_targets" in batch:  # boundaries are rows that never saw the span (section 6, span_boundaries)
             rows = [h.gather(1, batch[k][..., None].expand(-1, -1, h.size(-1))) for k in ("sbo_left", "sbo_right")]
             y = self.sbo(*rows, batch["sbo_offset"])
@@ -917,7 +948,77 @@ def rtd_inputs(input_ids, batch, is_pred, pred, masked, row_of, W, cfg, generato
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 7. Optimizers: a combination lab
+# 7. Fine-tuning and probing
+#
+# Fine-tuning (MPNet Sec. 3.3, as RoBERTa): encode `<s> a </s>` or the pair `<s> a </s></s> b </s>` in natural order,
+# pool, ClassificationHead, cross-entropy (MPNext.loss with batch["labels"]). Probing (SentEval, Conneau & Kiela,
+# arXiv 1803.05449): freeze the encoder, mean-pool the last layer, fit a logistic regression whose L2 strength is
+# picked on the validation split. The probe trains no encoder weight, so it is cheap and varies little across seeds:
+# it measures what pre-training put into the features, which is the lab's question.
+
+
+def pool(h, attention_mask, how="first"):
+    """(B, T, D) hidden states -> (B, D): the first row (<s>), or the mean over the non-pad rows."""
+    if how == "first":
+        return h[:, 0]
+    m = attention_mask[..., None].to(h.dtype)  # (B, T, 1)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def logistic_regression(x, y, n_classes, l2, max_iter=200):
+    """Multinomial logistic regression by full-batch L-BFGS: min_W,b mean CE(x W^T + b, y) + l2/2 |W|^2 (no penalty
+    on b). x (n, d), y (n,). Deterministic: no sampling anywhere. Returns the fitted nn.Linear."""
+    lin = nn.Linear(x.shape[1], n_classes, dtype=x.dtype)
+    nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)  # convex problem: start at zero, same answer every time
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=max_iter, tolerance_grad=1e-8, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(x), y) + 0.5 * l2 * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return lin
+
+
+def macro_f1(pred, y, n_classes):
+    """The mean over classes of F1 = 2 TP / (2 TP + FP + FN); a class absent from both pred and y counts 1."""
+    f1 = []
+    for c in range(n_classes):
+        tp = ((pred == c) & (y == c)).sum().item()
+        wrong = ((pred == c) != (y == c)).sum().item()  # FP + FN
+        f1.append(2 * tp / (2 * tp + wrong) if tp + wrong else 1.0)
+    return sum(f1) / n_classes
+
+
+PROBE_L2 = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # SentEval's grid of L2 strengths, picked on validation
+
+
+def probe(features, labels, n_classes, grid=PROBE_L2):
+    """features/labels: dicts over "train", "dev", "test" of (n, d) float and (n,) long tensors. Standardises with the
+    training statistics, fits one classifier per L2 strength, keeps the best on dev (ties: the stronger penalty).
+    Returns {"dev_acc", "test_acc", "test_f1", "l2"}."""
+    mu, sd = features["train"].mean(0), features["train"].std(0).clamp(min=1e-6)
+    x = {k: ((v - mu) / sd).double() for k, v in features.items()}
+    best = None
+    for l2 in sorted(grid, reverse=True):
+        lin = logistic_regression(x["train"], labels["train"], n_classes, l2)
+        with torch.no_grad():
+            dev_acc = (lin(x["dev"]).argmax(-1) == labels["dev"]).double().mean().item()
+        if best is None or dev_acc > best[0]:
+            best = dev_acc, l2, lin
+    dev_acc, l2, lin = best
+    with torch.no_grad():
+        pred = lin(x["test"]).argmax(-1)
+    return {"dev_acc": dev_acc, "test_acc": (pred == labels["test"]).double().mean().item(),
+            "test_f1": macro_f1(pred, labels["test"], n_classes), "l2": l2}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 8. Optimizers: a combination lab
 #
 #   Adam         Kingma & Ba, arXiv 1412.6980 (Alg. 1)        AdamW      Loshchilov & Hutter, arXiv 1711.05101 (Alg. 2)
 #   RAdam        Liu et al., arXiv 1908.03265 (Alg. 2)        Lookahead  Zhang et al., arXiv 1907.08610 (Alg. 1)
@@ -1329,7 +1430,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 8. Learning-rate schedules
+# 9. Learning-rate schedules
 
 
 def lr_multiplier(step, warmup_steps, total_steps, decay="linear", min_ratio=0.0):

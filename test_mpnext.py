@@ -1582,3 +1582,191 @@ def test_slow_weights_on_ranger21():
 
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-q"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fine-tuning, probing and the compare lab
+
+
+def toy_task(path, n=240, seed=0, pair=False):
+    """A separable task as a CSV: the label is which of two cue words the text holds, among random filler words
+    (pair=True: the cue sits in the second text)."""
+    rng = random.Random(seed)
+    words = "cat dog bird fish horse king queen child farmer sailor river tree house ship garden".split()
+    rows = ["a,b,label" if pair else "text,label"]
+    for i in range(n):
+        label = rng.choice(["yes", "no"])
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(4, 9))) + f" {'alpha' if label == 'yes' else 'omega'}"
+        text += "" if pair else f" {i}"
+        filler = " ".join(rng.choice(words) for _ in range(5))
+        rows.append(f"{filler},{text},{label}" if pair else f"{text},{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_load_task_formats_dedup_and_stratified_split(tmp_path):
+    t = data.load_task(toy_task(tmp_path / "t.csv", n=200))
+    assert t.labels == ["no", "yes"] and sum(len(v[0]) for v in t.splits.values()) == 200
+    assert [len(t.splits[s][0]) for s in data.SPLITS] == [160, 20, 20]
+    for s in data.SPLITS:  # stratified: each split has about the same share of "yes"
+        texts, y = t.splits[s]
+        assert abs(sum(y) / len(y) - sum(t.splits["train"][1]) / 160) < 0.1 and all(len(x) == 1 for x in texts)
+    assert data.load_task(str(tmp_path / "t.csv"), seed=0).splits == t.splits  # seeded
+    # a directory of class files; duplicates dropped, texts under two labels dropped; README is not a class
+    d = tmp_path / "cls"
+    d.mkdir()
+    (d / "pos.txt").write_text("good\ngood\nfine\ngreat\nsuper\nnice\nboth\n")
+    (d / "neg.txt").write_text("bad\nawful\npoor\nworse\nugly\nboth\n")
+    (d / "README.txt").write_text("about this data\n")
+    t = data.load_task(str(d))
+    texts = [x[0] for s in data.SPLITS for x in t.splits[s][0]]
+    assert sorted(texts) == sorted(["good", "fine", "great", "super", "nice", "bad", "awful", "poor", "worse", "ugly"])
+    assert t.labels == ["neg", "pos"]
+    # train/dev/test files are used as named; --train-size keeps a stratified subset
+    s = tmp_path / "splits"
+    s.mkdir()
+    for name, n in (("train", 100), ("dev", 20), ("test", 30)):
+        toy_task(s / f"{name}.csv", n=n, seed=len(name))
+    t = data.load_task(str(s), train_size=10)
+    assert [len(t.splits[x][0]) for x in data.SPLITS] == [10, 20, 30] and 3 <= sum(t.splits["train"][1]) <= 7
+
+
+def test_load_task_rejects_bad_input_with_one_line(tmp_path):
+    cases = {"nolabel.csv": "text,cls\na,b\nc,d\n", "one.csv": "text,label\na,x\nb,x\nc,x\nd,x\n", "empty.csv": "",
+             "ragged.csv": "text,label\na,b,c\n"}
+    for name, content in cases.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(data.DataError) as e:
+            data.load_task(str(tmp_path / name))
+        msg = str(e.value)
+        assert "\n" not in msg and name in msg, msg
+        assert {"nolabel.csv": "--label-col", "one.csv": "single class", "empty.csv": "empty",
+                "ragged.csv": "line 2"}[name] in msg
+    s = tmp_path / "unseen"
+    s.mkdir()
+    (s / "train.csv").write_text("text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(20)))
+    (s / "test.csv").write_text("text,label\nx,a\ny,c\n")
+    with pytest.raises(data.DataError, match=r"test has label\(s\) \['c'\] that never occur in train"):
+        data.load_task(str(s))
+    # through the command line: status 2 and the one line
+    assert train.main(["finetune", "--data", str(tmp_path / "nolabel.csv"), "--out-dir", str(tmp_path / "o")]) == 2
+
+
+def test_encode_examples_single_and_pair_format_and_truncation():
+    tok = data.Tokenizer.train("hello world, this is a pair test " * 20, vocab_size=300)
+    one, pair = data.encode_examples([("hello world",), ("hello", "world")], tok, max_len=64)
+    h, w = tok.encode("hello world"), (tok.encode("hello"), tok.encode("world"))
+    assert one == [tok.bos_id] + h + [tok.eos_id]
+    assert pair == [tok.bos_id] + w[0] + [tok.eos_id, tok.eos_id] + w[1] + [tok.eos_id]  # <s> a </s></s> b </s>
+    long = data.encode_examples([("hello " * 50, "world")], tok, max_len=16)[0]
+    assert len(long) == 16 and long[-3:] == [tok.eos_id] + w[1] + [tok.eos_id] if len(w[1]) == 1 else len(long) == 16
+    x = data.pad_rows([[0, 5, 2], [0, 2]], tok.pad_id)
+    assert x.tolist() == [[0, 5, 2], [0, 2, tok.pad_id]]
+
+
+@pytest.mark.parametrize("pooling", ["first", "mean"])
+def test_classification_loss_is_cross_entropy_and_padding_never_leaks(pooling):
+    model = tiny_model(n_classes=3, pooling=pooling)
+    ids = random_ids(4, 12)
+    ids[1, 7:] = 1  # pads
+    ids[1, 6] = 2
+    mask = (ids != 1).long()
+    labels = torch.tensor([0, 2, 1, 0])
+    loss, m = model.loss({"kind": "cls", "input_ids": ids, "attention_mask": mask, "labels": labels})
+    logits = model.classify(ids, mask)
+    assert torch.allclose(loss, F.cross_entropy(logits, labels))
+    assert m["acc"] == (logits.argmax(-1) == labels).float().mean()
+    # row 1 classified alone, without its padding, gives the same logits: pads never reach a real token or the pool
+    alone = model.classify(ids[1:2, :7], mask[1:2, :7])
+    assert torch.allclose(alone, logits[1:2], atol=1e-5)
+    # and what sits in padded slots does not matter
+    ids2 = ids.clone()
+    ids2[1, 7:] = 1
+    assert torch.equal(model.classify(ids2, mask), logits)
+
+
+def test_classification_head_equals_hf_mpnet_for_sequence_classification(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(n_classes=3)
+    for p in model.classifier.parameters():  # not the zero-bias init: a real check
+        nn.init.normal_(p, std=0.5)
+    model.to_hf(tmp_path / "hf")
+    hf = transformers.MPNetForSequenceClassification.from_pretrained(tmp_path / "hf", num_labels=3).eval()
+    hf.classifier.load_state_dict({"dense.weight": model.classifier.dense.weight,
+                                   "dense.bias": model.classifier.dense.bias,
+                                   "out_proj.weight": model.classifier.out_proj.weight,
+                                   "out_proj.bias": model.classifier.out_proj.bias})
+    ids = random_ids(3, 10)
+    ids[2, 6:] = 1
+    mask = (ids != 1).long()
+    with torch.no_grad():
+        assert torch.allclose(model.classify(ids, mask), hf(input_ids=ids, attention_mask=mask).logits, atol=1e-5)
+
+
+def test_logistic_regression_meets_its_optimality_condition_and_probe_separates():
+    g = gen(0)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    y = (x[:, :3] @ torch.randn(3, 3, generator=g, dtype=torch.float64)).argmax(-1)
+    lin = mpnext.logistic_regression(x, y, 3, l2=0.1)
+    lin.zero_grad()
+    (F.cross_entropy(lin(x), y) + 0.05 * lin.weight.pow(2).sum()).backward()  # the gradient vanishes at the optimum
+    assert lin.weight.grad.abs().max() < 1e-6 and lin.bias.grad.abs().max() < 1e-6
+    feats = {s: x[i::3] for i, s in enumerate(data.SPLITS)}
+    labels = {s: y[i::3] for i, s in enumerate(data.SPLITS)}
+    res = mpnext.probe(feats, labels, 3)
+    assert res["test_acc"] > 0.85 and res["l2"] in mpnext.PROBE_L2
+    # macro-F1 by hand: class 0 F1 = 2/3, class 1 F1 = 2/3, class 2 F1 = 1
+    assert abs(mpnext.macro_f1(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 0, 1, 2]), 3) - (2 / 3 + 2 / 3 + 1) / 3) < 1e-12
+
+
+FT_ARGS = ["--preset", "tiny", "--vocab", "300", "--epochs", "6", "--batch-size", "16", "--max-len", "64"]
+
+
+def test_finetune_and_probe_learn_a_separable_task(tmp_path, capsys):
+    task = toy_task(tmp_path / "t.csv", n=300)
+    res, status = train.finetune(["--data", task, "--out-dir", str(tmp_path / "ft"), *FT_ARGS])
+    assert status == 0 and res["test_acc"] >= 0.9 and res["test_f1"] >= 0.9, res
+    log = read_log(tmp_path / "ft")
+    assert log[-1]["test_acc"] == res["test_acc"] and "dev_acc" in log[0]
+    ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["n_classes"] == 2 and ckpt["dev_acc"] == res["dev_acc"]
+    assert (tmp_path / "ft" / "tokenizer.json").exists()
+    assert "summary | t | finetune | random init | test_acc" in capsys.readouterr().out
+    # the pair task: loads, trains, and the cue in the second text is found
+    pair = toy_task(tmp_path / "p.csv", n=400, pair=True)
+    res, _ = train.finetune(["--data", pair, "--out-dir", str(tmp_path / "fp"), *FT_ARGS])
+    assert res["test_acc"] >= 0.8, res
+    # the frozen probe of a random encoder: mean-pooled embeddings already carry the cue word
+    res, _ = train.finetune(["--data", task, "--out-dir", str(tmp_path / "pr"), "--probe", *FT_ARGS])
+    assert res["test_acc"] >= 0.9 and res["protocol"] == "probe"
+    # a run directory is never overwritten
+    assert train.main(["finetune", "--data", task, "--out-dir", str(tmp_path / "ft"), *FT_ARGS]) == 2
+
+
+def test_finetune_from_a_pretraining_run_loads_its_encoder(tmp_path):
+    out = run_train(tmp_path, "--max-steps", "4", "--rtd", "--masking", "span", "--sbo")
+    task = toy_task(tmp_path / "t.csv", n=120)
+    fc, cfg, model, tok, t = train.finetune_setup(["--init", str(out), "--data", task, "--out-dir",
+                                                   str(tmp_path / "ft"), "--max-len", "32"])
+    pre = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], pre["blocks.0.attn.qkv.weight"])
+    assert not hasattr(model, "generator") and not hasattr(model, "sbo") and cfg.n_classes == 2
+    assert tok.merges == data.Tokenizer.load(out / "tokenizer.json").merges and fc.lr == 1e-3  # 2e-5 x (768 / 64)^2, capped at 1e-3
+
+
+def test_compare_writes_the_table_and_skips_finished_cells(tmp_path, capsys):
+    corpus = toy_corpus(tmp_path / "corpus")
+    task = toy_task(tmp_path / "t.csv", n=120)
+    argv = ["--cells", "objective=mlm | objective=mpnet", "--seeds", "2", "--tasks", task, "--finetune",
+            "--vocab 300 --max-len 32", "--out-dir", str(tmp_path / "cmp"), "--data", corpus, *TINY_ARGS,
+            "--samples", "0", "--max-steps", "3", "--eval-every", "3", "--warmup-steps", "1"]
+    rows, status = train.compare(argv)
+    assert status == 0 and len(rows) == 6  # 2 cells + random init, 2 seeds, one task, one protocol
+    table = (tmp_path / "cmp" / "results.md").read_text()
+    for cell in ("objective=mlm", "objective=mpnet", "random init"):
+        assert f"| {cell} | " in table
+    assert "+-" in table and "Budget: 3 steps x 8 x 32 tokens" in table
+    capsys.readouterr()
+    rows2, _ = train.compare(argv)  # a rerun does nothing but redraw the table
+    assert len(rows2) == 6 and "===" not in capsys.readouterr().out
+    assert len((tmp_path / "cmp" / "results.csv").read_text().strip().splitlines()) == 7

@@ -15,6 +15,7 @@ Writes DIR/log.jsonl, DIR/ckpt.pt (atomic) and DIR/tokenizer.json.
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import inspect
 import itertools
@@ -23,6 +24,8 @@ import math
 import os
 import platform
 import re
+import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -81,8 +84,8 @@ class TrainConfig:
 CHOICES = dict(objective=["mpnet", "plm", "mlm"], activation=["gelu", "mish"], decay=["linear", "cosine"],
                rel_init=["local", "normal"], masking=["token", "word", "span"],
                optimizer=["adamw", "radam", "ranger", "ranger21"], device=["auto", "cpu", "cuda", "mps"],
-               dtype=["auto", "float32", "bfloat16", "float16"])
-FROM_TOKENIZER = {"vocab_size", "pad_id", "mask_id", "special_ids"}  # set by the tokenizer, not by flags
+               dtype=["auto", "float32", "bfloat16", "float16"], pooling=["first", "mean"])
+NOT_FLAGS = {"vocab_size", "pad_id", "mask_id", "special_ids", "n_classes", "pooling"}  # set by the data or finetune
 
 
 def field_help(cls):
@@ -101,27 +104,31 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (python train.py --help lists every flag)\n")
 
 
+def add_fields(p, cls, defaults=None):
+    """Every field of the dataclass becomes a --flag; only flags actually typed end up in the namespace (SUPPRESS)."""
+    group, helps = p.add_argument_group(f"{cls.__name__} fields"), field_help(cls)
+    for f in dataclasses.fields(cls):
+        if cls is mpnext.MPNextConfig and f.name in NOT_FLAGS:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        flag, help_ = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {default})"
+        if f.type is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+        else:
+            group.add_argument(flag, type=f.type, default=argparse.SUPPRESS, help=help_,
+                               choices=CHOICES.get(f.name), metavar=f.name.upper())
+
+
 def parse_args(argv=None):
     """Returns (train flags, model flags) holding only what the user typed, so --resume can tell them apart."""
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     preset_arg = OneLineParser(add_help=False)  # --help shows the defaults of the preset in use
     preset_arg.add_argument("--preset", default=TrainConfig.preset)
-    preset = mpnext.PRESETS.get(preset_arg.parse_known_args(argv)[0].preset, {})
-    for cls in (TrainConfig, mpnext.MPNextConfig):
-        group, helps = p.add_argument_group(f"{cls.__name__} fields"), field_help(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in FROM_TOKENIZER:
-                continue
-            default = preset.get(f.name, f.default) if cls is mpnext.MPNextConfig else f.default
-            flag, help_ = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {default})"
-            if f.type is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
-            else:
-                group.add_argument(flag, type=f.type, default=argparse.SUPPRESS, help=help_,
-                                   choices=CHOICES.get(f.name), metavar=f.name.upper())
+    add_fields(p, TrainConfig)
+    add_fields(p, mpnext.MPNextConfig, mpnext.PRESETS.get(preset_arg.parse_known_args(argv)[0].preset, {}))
     p.add_argument("--whole-word", dest="masking", action="store_const", const="word", default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # the old spelling of --masking word, so old command lines still resume
-    given = vars(p.parse_args(argv))  # SUPPRESS: only the flags actually typed appear
+    given = vars(p.parse_args(argv))
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
     return ({k: v for k, v in given.items() if k in train_names},
             {k: v for k, v in given.items() if k not in train_names})
@@ -551,6 +558,371 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
     return model, ev, 0 if math.isfinite(ev.get("val_loss", 0.0)) else 1
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# fine-tuning and probing: python train.py finetune [--init RUN_DIR] [--data TASK] [--probe]
+
+
+@dataclass
+class FinetuneConfig:
+    init: str = ""  # a pre-training --out-dir (its model and tokenizer); "" = random init, BPE trained on the task
+    data: str = ""  # CSV/TSV file, directory of class files, or of train/dev/test files; "" = built-in stdlib task
+    out_dir: str = "out-finetune"  # where log.jsonl, ckpt.pt (best validation model) and tokenizer.json go
+    label_col: str = "label"  # CSV/TSV: the label column
+    text_cols: str = ""  # CSV/TSV: one or two text columns, comma-separated; "" = every column but the label
+    train_size: int = 0  # keep this many training examples (stratified), for low-resource runs; 0 = all
+    split_seed: int = 0  # seeds the train/dev/test split of a single file (fixed across --seed on purpose)
+    probe: bool = False  # frozen encoder, mean-pooled features, logistic regression picked on dev (SentEval)
+    pooling: str = "first"  # classifier input: the <s> row (MPNet) or the mean over tokens
+    epochs: int = 10  # at most this many passes over the training set
+    patience: int = 3  # early stopping: epochs without a better validation accuracy
+    batch_size: int = 32  # examples per step
+    max_len: int = 128  # tokens per example, <s> and </s> included (longer texts are cut at the end)
+    lr: float = 0.0  # peak learning rate, warmup 6% of the steps then linear decay; 0 = 2e-5 x (768 / d_model)^2
+    weight_decay: float = 0.01  # decoupled; never on biases, LayerNorms and embeddings
+    dropout: float = 0.1  # fine-tuning dropout (hidden, attention, classifier), also after a run pre-trained without
+    preset: str = "tiny"  # random init only: the model size
+    vocab: int = 4096  # random init only: BPE vocabulary trained on the task's training texts
+    seed: int = 0  # seeds the init of new weights, the batch order and dropout
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # as for pre-training
+    compile: bool = False  # torch.compile the loss
+
+
+def finetune_setup(argv):
+    """Flags, checks, task, tokenizer and model, before any training: (fc, cfg, model, tok, task)."""
+    p = OneLineParser(prog="train.py finetune", description="Fine-tune or probe a model on a classification task.")
+    add_fields(p, FinetuneConfig)
+    fc = FinetuneConfig(**vars(p.parse_args(argv)))
+    for name in ("epochs", "patience", "batch_size"):
+        if getattr(fc, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(fc, name)}")
+    if not (math.isfinite(fc.lr) and 0 <= fc.lr < 1) or not 0 <= fc.dropout < 1 or fc.train_size < 0 or fc.max_len < 8:
+        raise ValueError(f"--lr {fc.lr}, --dropout {fc.dropout}, --train-size {fc.train_size}, --max-len {fc.max_len}: "
+                         f"need 0 <= lr < 1 (0 = auto), 0 <= dropout < 1, train-size >= 0 (0 = all) and max-len >= 8")
+    if os.path.exists(os.path.join(fc.out_dir, "ckpt.pt")):
+        raise ValueError(f"{fc.out_dir} already holds a fine-tuned model; pick another --out-dir or delete it")
+    task = data.load_task(fc.data or None, fc.split_seed, fc.train_size, fc.label_col, fc.text_cols)
+    state = None
+    if fc.init:
+        path = os.path.join(fc.init, "ckpt.pt")
+        if not os.path.exists(path):
+            raise ValueError(f"--init {fc.init}: no ckpt.pt there; pass a pre-training --out-dir")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            cfg, state = mpnext.MPNextConfig(**ckpt["model_config"]), ckpt["model"]
+        except Exception as e:
+            raise ValueError(f"--init {path}: not an MPNext checkpoint ({type(e).__name__})") from None
+        tok = data.Tokenizer.load(os.path.join(fc.init, "tokenizer.json"))
+    else:
+        print(f"random init: training a {fc.vocab}-token BPE on the task's training texts ...", flush=True)
+        tok = data.Tokenizer.train([" ".join(t) for t in task.splits["train"][0]], vocab_size=fc.vocab)
+        cfg = dataclasses.replace(mpnext.MPNextConfig.from_preset(fc.preset), vocab_size=tok.vocab_size,
+                                  pad_id=tok.pad_id, mask_id=tok.mask_id, special_ids=tuple(range(tok.n_special)))
+    if fc.max_len > cfg.max_len:
+        raise ValueError(f"--max-len {fc.max_len} exceeds the model's max_len {cfg.max_len}")
+    # the encoder alone plus a new head: pre-training heads (generator, discriminator, SBO) are left behind
+    cfg = dataclasses.replace(cfg, n_classes=len(task.labels), pooling=fc.pooling, dropout=fc.dropout,
+                              attn_dropout=fc.dropout, rtd=False, sbo=False)
+    if not fc.lr:  # MPNet's GLUE range (1e-5 to 3e-5) for base, more for narrower models (7e-4 for tiny)
+        fc = dataclasses.replace(fc, lr=min(1e-3, 2e-5 * (768 / cfg.d_model) ** 2))
+    torch.manual_seed(fc.seed)
+    model = mpnext.MPNext(cfg)
+    if state is not None:
+        try:
+            missing, _ = model.load_state_dict(state, strict=False)  # unexpected keys: the pre-training heads
+        except RuntimeError as e:
+            raise ValueError(f"--init {fc.init}: weights do not fit the model ({str(e).splitlines()[-1].strip()})")
+        if any(not k.startswith("classifier.") for k in missing):
+            raise ValueError(f"--init {fc.init}: the checkpoint lacks encoder weights {missing[:3]}")
+    os.makedirs(fc.out_dir, exist_ok=True)
+    tok.save(os.path.join(fc.out_dir, "tokenizer.json"))
+    return fc, cfg, model, tok, task
+
+
+def finetune(argv=None):
+    """Fine-tune (or probe) and report test accuracy and macro-F1 of the best validation epoch. Returns (results,
+    exit status)."""
+    fc, cfg, model, tok, task = finetune_setup(argv)
+    device = pick_device(fc.device)
+    dtype = pick_dtype(fc.dtype, device)
+    autocast, model = autocast_for(device, dtype), model.to(device)
+    rows = {s: data.encode_examples(t, tok, fc.max_len) for s, (t, _) in task.splits.items()}
+    labels = {s: torch.tensor(y) for s, (_, y) in task.splits.items()}
+    n = {s: len(v) for s, v in rows.items()}
+    print(f"{task.name}: {len(task.labels)} classes | train {n['train']} dev {n['dev']} test {n['test']} | "
+          f"{'probe' if fc.probe else 'fine-tune'} | {fc.init or 'random init'} | {device} "
+          f"{str(dtype).split('.')[-1]}", flush=True)
+
+    def batches(split, order=None):
+        order = range(n[split]) if order is None else order
+        for i in range(0, n[split], fc.batch_size):
+            idx = list(order[i:i + fc.batch_size])
+            ids = data.pad_rows([rows[split][j] for j in idx], tok.pad_id)
+            yield to_device({"kind": "cls", "input_ids": ids, "attention_mask": (ids != tok.pad_id).long(),
+                             "labels": labels[split][idx]}, device)
+
+    @torch.no_grad()
+    def predict(split):
+        model.eval()
+        out = []
+        for b in batches(split):
+            with autocast:
+                out.append(model.classify(b["input_ids"], b["attention_mask"]).float().argmax(-1).cpu())
+        model.train()
+        return torch.cat(out)
+
+    t0, log = time.time(), open(os.path.join(fc.out_dir, "log.jsonl"), "w")
+    if fc.probe:
+        model.eval()
+        feats = {}
+        with torch.no_grad():
+            for s in data.SPLITS:
+                feats[s] = torch.cat([mpnext.pool(model.encode(b["input_ids"], b["attention_mask"]).float(),
+                                                  b["attention_mask"], "mean").cpu() for b in batches(s)])
+        res = mpnext.probe(feats, labels, len(task.labels))
+    else:
+        res = _finetune_loop(fc, model, batches, predict, labels, n, autocast, log)
+    res.update(task=task.name, protocol="probe" if fc.probe else "finetune", n_train=n["train"],
+               minutes=(time.time() - t0) / 60)
+    log.write(json.dumps(res) + "\n")
+    log.close()
+    print(f"summary | {task.name} | {res['protocol']} | {fc.init or 'random init'} | test_acc {res['test_acc']:.4f} "
+          f"test_f1 {res['test_f1']:.4f} | dev_acc {res['dev_acc']:.4f} | {res['minutes']:.1f} min")
+    return res, res.pop("exit", 0)
+
+
+def _finetune_loop(fc, model, batches, predict, labels, n, autocast, log):
+    """Epochs with early stopping on dev accuracy; the best epoch's weights are saved and scored on test."""
+    total = fc.epochs * math.ceil(n["train"] / fc.batch_size)
+    optimizer = mpnext.build_optimizer(model, "adamw", lr=fc.lr, weight_decay=fc.weight_decay, betas=(0.9, 0.98),
+                                       eps=1e-6)
+    loss_fn = torch.compile(model.loss) if fc.compile else model.loss
+    gen = torch.Generator().manual_seed(fc.seed)
+    step, best, best_epoch, stop_status = 0, -1.0, 0, 0
+    bar = tqdm(total=total, dynamic_ncols=True, disable=None)
+    with GracefulStop() as stop:
+        for epoch in range(1, fc.epochs + 1):
+            for batch in batches("train", torch.randperm(n["train"], generator=gen).tolist()):
+                for group in optimizer.param_groups:
+                    group["lr"] = fc.lr * mpnext.lr_multiplier(step, round(0.06 * total), total)
+                with autocast:
+                    loss, metrics = loss_fn(batch)
+                if torch.isfinite(loss):  # never step on a NaN
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+                if stop.signum is not None:
+                    break
+            dev_acc = (predict("dev") == labels["dev"]).float().mean().item()
+            log.write(json.dumps({"epoch": epoch, "step": step, "loss": loss.item(), "dev_acc": dev_acc}) + "\n")
+            log.flush()
+            tqdm.write(f"epoch {epoch}: loss {loss.item():.3f} dev_acc {dev_acc:.4f}" + (" (best)" * (dev_acc > best)))
+            if dev_acc > best:
+                best, best_epoch = dev_acc, epoch
+                save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
+                             "finetune_config": dataclasses.asdict(fc), "epoch": epoch, "dev_acc": dev_acc},
+                            os.path.join(fc.out_dir, "ckpt.pt"))
+            if stop.signum is not None:
+                print(f"stopped in epoch {epoch}; scoring the best epoch so far ({best_epoch})", flush=True)
+                stop_status = 128 + stop.signum
+                break
+            if epoch - best_epoch >= fc.patience:
+                break
+    bar.close()
+    model.load_state_dict(torch.load(os.path.join(fc.out_dir, "ckpt.pt"), weights_only=True)["model"])
+    pred = predict("test")
+    return {"dev_acc": best, "test_acc": (pred == labels["test"]).float().mean().item(),
+            "test_f1": mpnext.macro_f1(pred, labels["test"], model.cfg.n_classes), "best_epoch": best_epoch,
+            "exit": stop_status}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the combination lab: python train.py compare --cells "A | B" --grid "flag=v1,v2" --seeds 3 --tasks T1,T2
+
+
+def compare_args(argv):
+    p = OneLineParser(prog="train.py compare", description="Pre-train every cell of a grid on the same budget, then "
+                      "probe / fine-tune each on a list of tasks over several seeds. Other flags go to pre-training.")
+    p.add_argument("--cells", default="", help='recipes separated by "|", each "flag=value ..." (e.g. "objective=mlm |'
+                   ' objective=mpnet rtd=true")')
+    p.add_argument("--grid", default="", help='axes crossed with every cell, e.g. "activation=gelu,mish optimizer=adamw,'
+                   'ranger21"')
+    p.add_argument("--seeds", type=int, default=3, help="seeds per cell (pre-training and fine-tuning)")
+    p.add_argument("--tasks", default="builtin", help='comma-separated task paths; "builtin" = the stdlib task')
+    p.add_argument("--protocols", default="probe", help="comma-separated: probe, low (fine-tune on --low-size "
+                   "examples), full (fine-tune on all)")
+    p.add_argument("--low-size", type=int, default=1000, help="training examples of the low protocol")
+    p.add_argument("--finetune", default="", help='extra flags for every fine-tuning run, e.g. "--epochs 3"')
+    p.add_argument("--no-random", action="store_true", help="leave out the random-init row")
+    p.add_argument("--out-dir", default="out-compare", help="runs/, results.csv, results.md (and compare.png)")
+    args, pretrain = p.parse_known_args(argv)
+    names = {f.name: f.type for cls in (TrainConfig, mpnext.MPNextConfig) for f in dataclasses.fields(cls)}
+
+    def flags(spec):  # "objective=mlm rtd=true" -> ({"objective": "mlm", "rtd": "true"}, ["--objective", "mlm", "--rtd"])
+        given, out = {}, []
+        for item in spec.split():
+            k, _, v = item.partition("=")
+            if k.replace("-", "_") not in names or not v or k in ("out_dir", "out-dir", "seed", "resume"):
+                raise ValueError(f"--cells/--grid: {item!r} is not flag=value of a pre-training flag")
+            given[k] = v
+            if names[k.replace("-", "_")] is bool:
+                out.append(f"--{'' if v.lower() in ('1', 'true', 'yes', 'on') else 'no-'}{k.replace('_', '-')}")
+            else:
+                out += [f"--{k.replace('_', '-')}", v]
+        return given, out
+
+    cells = [c.strip() for c in args.cells.split("|")] if args.cells else [""]
+    axes = [[f"{k}={v}" for v in vs.split(",")] for k, _, vs in (a.partition("=") for a in args.grid.split())]
+    specs = [" ".join(filter(None, (c,) + g)) for c in cells for g in itertools.product(*axes)]
+    protocols = args.protocols.split(",")
+    if any(x not in ("probe", "low", "full") for x in protocols) or args.seeds < 1:
+        raise ValueError(f"--protocols {args.protocols} / --seeds {args.seeds}: protocols are probe, low, full; "
+                         f"seeds at least 1")
+    grid = [(spec or "default", flags(spec)[1]) for spec in specs]
+    for _, extra in grid:  # every cell's command line must parse before hours of work start
+        parse_args(pretrain + extra)
+    tasks = [(t, None if t == "builtin" else t) for t in args.tasks.split(",")]
+    for t, path in tasks:
+        data.load_task(path)  # a bad task fails now, with its one line
+    return args, pretrain, grid, tasks, protocols
+
+
+def compare(argv=None):
+    """Resumable: each cell's runs live in OUT/runs/, results.csv gains one row per (cell, seed, task, protocol) and
+    a rerun skips the rows it holds (and resumes an interrupted pre-training)."""
+    args, pretrain, grid, tasks, protocols = compare_args(argv)
+    csv_path, t0 = os.path.join(args.out_dir, "results.csv"), time.time()
+    os.makedirs(os.path.join(args.out_dir, "runs"), exist_ok=True)
+    fields = ["cell", "seed", "task", "protocol", "test_acc", "test_f1", "dev_acc", "val_mlm_loss", "pretrain_min",
+              "finetune_min"]
+    done = {}
+    if os.path.exists(csv_path):
+        done = {(r["cell"], r["seed"], r["task"], r["protocol"]): r for r in csv.DictReader(open(csv_path))}
+    rows = list(done.values())
+    cells = grid + ([] if args.no_random else [("random init", None)])
+    for (cell, extra), seed, (task, path), protocol in itertools.product(cells, range(args.seeds), tasks, protocols):
+        if (cell, str(seed), task, protocol) in done:
+            continue
+        run_dir = os.path.join(args.out_dir, "runs", f"{slug(cell)}-s{seed}")
+        pre = {"val_mlm_loss": "", "pretrain_min": 0.0}
+        if extra is not None:  # pre-train (or finish pre-training) the cell
+            pre = pretrain_cell(pretrain + extra + ["--seed", str(seed), "--out-dir", run_dir, "--samples", "0"])
+        ft_dir = os.path.join(run_dir, f"ft-{slug(task_name(task))}-{protocol}")
+        if os.path.exists(ft_dir):
+            shutil.rmtree(ft_dir)  # an interrupted fine-tuning: start it again
+        ft = ["--out-dir", ft_dir, "--seed", str(seed)] + (["--data", path] if path else [])
+        ft += ["--init", run_dir] if extra is not None else ["--preset", pretrain_value(pretrain, "preset")]
+        ft += ["--probe"] if protocol == "probe" else (["--train-size", str(args.low_size)] if protocol == "low" else [])
+        print(f"\n=== {cell} | seed {seed} | {task} | {protocol}", flush=True)
+        res, status = finetune(ft + shlex.split(args.finetune))
+        if status:
+            return rows, status
+        row = {"cell": cell, "seed": seed, "task": task, "protocol": protocol, **{k: res[k] for k in fields[4:7]},
+               **pre, "finetune_min": round(res["minutes"], 3)}
+        rows.append(row)
+        new = not os.path.exists(csv_path)
+        with open(csv_path, "a", newline="") as f:
+            w = csv.DictWriter(f, fields)
+            w.writeheader() if new else None
+            w.writerow(row)
+    table = compare_table(rows, [c for c, _ in cells], tasks, protocols, pretrain, (time.time() - t0) / 60)
+    open(os.path.join(args.out_dir, "results.md"), "w").write(table)
+    print("\n" + table)
+    compare_plot(args.out_dir, rows, [c for c, _ in cells])
+    return rows, 0
+
+
+def slug(text):
+    return re.sub(r"[^\w.=-]+", "_", text)
+
+
+def task_name(task):
+    return os.path.basename(task.rstrip("/"))
+
+
+def pretrain_value(argv, name):
+    """The value a pre-training command line gives a flag (its default when absent)."""
+    tc, mc = parse_args(argv)
+    return {**dataclasses.asdict(TrainConfig()), **tc, **mc}.get(name)
+
+
+def pretrain_cell(argv):
+    """Pre-train a cell to its --max-steps (resuming a stopped run); its val_mlm_loss and minutes from the log."""
+    out_dir = argv[argv.index("--out-dir") + 1]
+    path = os.path.join(out_dir, "ckpt.pt")
+    step = torch.load(path, weights_only=True)["step"] if os.path.exists(path) else 0
+    if step < pretrain_value(argv, "max_steps"):
+        status = train(*setup(argv + ["--resume"] * bool(step)))[2]
+        if status:
+            raise SystemExit(status)
+    evals = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl")) if '"val_loss"' in line]
+    start = os.path.getmtime(os.path.join(out_dir, "tokenizer.json"))
+    return {"val_mlm_loss": evals[-1].get("val_mlm_loss", ""),
+            "pretrain_min": round((os.path.getmtime(path) - start) / 60, 3)}
+
+
+def mean_std(xs):
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
+
+
+def compare_table(rows, cells, tasks, protocols, pretrain, minutes):
+    """Markdown: one row per cell, test accuracy (%) mean +- std over seeds per task and protocol, their average."""
+    cols = [(t, p) for t, _ in tasks for p in protocols]
+    steps, bs, seq = (pretrain_value(pretrain, k) for k in ("max_steps", "batch_size", "seq_len"))
+    device = pick_device(pretrain_value(pretrain, "device"))
+    lines = [f"Budget: {steps} steps x {bs} x {seq} tokens ({steps * bs * seq / 1e6:.1f}M tokens) per cell, "
+             f"preset {pretrain_value(pretrain, 'preset')}, data {pretrain_value(pretrain, 'data') or 'stdlib'}; "
+             f"{device_name(device)}; this call {minutes:.1f} min. Test accuracy (%), mean +- std over seeds.", "",
+             "| cell | " + " | ".join(f"{task_name(t)} {p}" for t, p in cols) +
+             " | average | val_mlm_loss | pre-train min |", "|---" * (len(cols) + 4) + "|"]
+    for cell in cells:
+        mine = [r for r in rows if r["cell"] == cell]
+        cells_txt, seeds_avg = [], []
+        for t, p in cols:
+            acc = [100 * float(r["test_acc"]) for r in mine if r["task"] == t and r["protocol"] == p]
+            cells_txt.append("%.1f +- %.1f" % mean_std(acc) if acc else "")
+        per_seed = {}
+        for r in mine:
+            per_seed.setdefault(r["seed"], []).append(100 * float(r["test_acc"]))
+        seeds_avg = [sum(v) / len(v) for v in per_seed.values() if len(v) == len(cols)]
+        loss = [float(r["val_mlm_loss"]) for r in mine if r["val_mlm_loss"] not in ("", None)]
+        mins = {r["seed"]: float(r["pretrain_min"]) for r in mine}
+        lines.append(f"| {cell} | " + " | ".join(cells_txt) +
+                     f" | {'%.1f +- %.1f' % mean_std(seeds_avg) if seeds_avg else ''}"
+                     f" | {'%.3f' % mean_std(loss)[0] if loss else '-'}"
+                     f" | {'%.1f' % mean_std(list(mins.values()))[0] if mins else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_plot(out_dir, rows, cells):
+    """compare.png (matplotlib only if installed): validation MLM loss over pre-training steps (seed 0 of each
+    cell), and each cell's average test accuracy with its seed spread."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for cell in cells:
+        log = os.path.join(out_dir, "runs", f"{slug(cell)}-s0", "log.jsonl")
+        evals = [json.loads(line) for line in open(log) if '"val_mlm_loss"' in line] if os.path.exists(log) else []
+        a.plot([e["step"] for e in evals], [e["val_mlm_loss"] for e in evals], label=cell)
+    a.set(xlabel="pre-training step", ylabel="val_mlm_loss", title="validation MLM loss (seed 0)")
+    a.legend(fontsize=7)
+    scores = [mean_std([100 * float(r["test_acc"]) for r in rows if r["cell"] == c] or [0.0]) for c in cells]
+    b.barh(range(len(cells)), [m for m, _ in scores], xerr=[s for _, s in scores])
+    b.set(yticks=range(len(cells)), yticklabels=cells, xlabel="test accuracy (%), all tasks and seeds")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "compare.png"), dpi=120)
+    plt.close(fig)
+
+
 def device_name(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -681,7 +1053,11 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, steps=10):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else None
     try:
+        if command:
+            return COMMANDS[command](argv)[1]
         run = setup(argv)
     except (data.DataError, ValueError) as e:  # user mistakes: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
@@ -691,6 +1067,8 @@ def main(argv=None):
         return 0
     return train(*run)[2]  # 0, or 1 after persistent non-finite losses, or 128 + signal after Ctrl-C / SIGTERM
 
+
+COMMANDS = {"finetune": finetune, "compare": compare}
 
 if __name__ == "__main__":
     sys.exit(main())
