@@ -1752,6 +1752,11 @@ def test_finetune_from_a_pretraining_run_loads_its_encoder(tmp_path):
     assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], pre["blocks.0.attn.qkv.weight"])
     assert not hasattr(model, "generator") and not hasattr(model, "sbo") and cfg.n_classes == 2
     assert tok.merges == data.Tokenizer.load(out / "tokenizer.json").merges and fc.lr == 1e-3  # 2e-5 x (768 / 64)^2, capped at 1e-3
+    # --random-init: the same architecture and tokenizer, fresh weights (the lab's baseline)
+    _, cfg2, fresh, tok2, _ = train.finetune_setup(["--init", str(out), "--random-init", "--data", task, "--out-dir",
+                                                    str(tmp_path / "ft2"), "--max-len", "32"])
+    assert cfg2 == cfg and tok2.merges == tok.merges
+    assert not torch.equal(fresh.state_dict()["blocks.0.attn.qkv.weight"], pre["blocks.0.attn.qkv.weight"])
 
 
 def test_compare_writes_the_table_and_skips_finished_cells(tmp_path, capsys):
@@ -1770,3 +1775,38 @@ def test_compare_writes_the_table_and_skips_finished_cells(tmp_path, capsys):
     rows2, _ = train.compare(argv)  # a rerun does nothing but redraw the table
     assert len(rows2) == 6 and "===" not in capsys.readouterr().out
     assert len((tmp_path / "cmp" / "results.csv").read_text().strip().splitlines()) == 7
+
+
+def test_finetune_skips_non_finite_steps_and_stops_when_they_persist(tmp_path, monkeypatch, capsys):
+    task = toy_task(tmp_path / "t.csv", n=120)
+    real_loss = MPNext.loss
+
+    def poisoned(self, batch):
+        loss, m = real_loss(self, batch)
+        return loss * float("nan"), m
+
+    monkeypatch.setattr(MPNext, "loss", poisoned)
+    res, status = train.finetune(["--data", task, "--out-dir", str(tmp_path / "ft"), *FT_ARGS])
+    assert status == 1 and "not finite for 5 steps in a row" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)  # the (untouched) weights were scored
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values()) and 0 <= res["test_acc"] <= 1
+
+
+def test_encode_with_specials_and_fill_prints_completions(tmp_path, capsys):
+    tok = data.Tokenizer.train("the cat sat on the mat. " * 50, vocab_size=300)
+    ids = tok.encode("<s>the <mask> sat</s>", specials=True)
+    assert ids == [tok.bos_id] + tok.encode("the") + [tok.mask_id] + tok.encode(" sat") + [tok.eos_id]
+    assert tok.mask_id not in tok.encode("the <mask> sat")  # plain encode never emits specials
+    assert tok.encode("a<pad><unk>", specials=True) == tok.encode("a") + [tok.pad_id, tok.unk_id]
+    out = run_train(tmp_path, "--max-steps", "4")
+    model, tok = train.load_run(str(out))
+    assert not model.training and model.cfg.vocab_size == tok.vocab_size
+    capsys.readouterr()
+    results, status = train.fill(["--init", str(out), "--top-k", "3", "The <mask> sees the <mask>."])
+    printed = capsys.readouterr().out
+    assert status == 0 and len(results) == 1 and len(results[0]) == 2 and len(results[0][0]) == 3
+    assert "<mask> 1:" in printed and "<mask> 2:" in printed
+    probs = [p for _, p in results[0][0]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+    assert train.main(["fill", "--init", str(out), "no mask here"]) == 2
+    assert train.main(["fill", "--init", str(tmp_path / "nothing"), "a <mask>"]) == 2

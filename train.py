@@ -346,10 +346,7 @@ def setup(argv=None):
         try:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
             tc = dataclasses.replace(TrainConfig(**ckpt["train_config"]), **train_args)  # typed flags win
-            model_config = dict(ckpt["model_config"])
-            if "whole_word" in model_config:  # saved before --masking replaced --whole-word
-                model_config["masking"] = "word" if model_config.pop("whole_word") else "token"
-            cfg = mpnext.MPNextConfig(**model_config)
+            cfg = config_of(ckpt)
         except Exception as e:  # corrupt file, or a checkpoint of another program / version
             raise ValueError(f"{ckpt_path}: not a checkpoint this train.py can resume ({type(e).__name__}); "
                              f"use another --out-dir or delete it") from None
@@ -565,6 +562,7 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
 @dataclass
 class FinetuneConfig:
     init: str = ""  # a pre-training --out-dir (its model and tokenizer); "" = random init, BPE trained on the task
+    random_init: bool = False  # with --init: its architecture and tokenizer, fresh weights (pre-training's baseline)
     data: str = ""  # CSV/TSV file, directory of class files, or of train/dev/test files; "" = built-in stdlib task
     out_dir: str = "out-finetune"  # where log.jsonl, ckpt.pt (best validation model) and tokenizer.json go
     label_col: str = "label"  # CSV/TSV: the label column
@@ -599,6 +597,8 @@ def finetune_setup(argv):
     if not (math.isfinite(fc.lr) and 0 <= fc.lr < 1) or not 0 <= fc.dropout < 1 or fc.train_size < 0 or fc.max_len < 8:
         raise ValueError(f"--lr {fc.lr}, --dropout {fc.dropout}, --train-size {fc.train_size}, --max-len {fc.max_len}: "
                          f"need 0 <= lr < 1 (0 = auto), 0 <= dropout < 1, train-size >= 0 (0 = all) and max-len >= 8")
+    if fc.random_init and not fc.init:
+        raise ValueError("--random-init takes the model and tokenizer of --init DIR; pass --init too")
     if os.path.exists(os.path.join(fc.out_dir, "ckpt.pt")):
         raise ValueError(f"{fc.out_dir} already holds a fine-tuned model; pick another --out-dir or delete it")
     task = data.load_task(fc.data or None, fc.split_seed, fc.train_size, fc.label_col, fc.text_cols)
@@ -609,10 +609,11 @@ def finetune_setup(argv):
             raise ValueError(f"--init {fc.init}: no ckpt.pt there; pass a pre-training --out-dir")
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            cfg, state = mpnext.MPNextConfig(**ckpt["model_config"]), ckpt["model"]
+            cfg, state = config_of(ckpt), ckpt["model"]
         except Exception as e:
             raise ValueError(f"--init {path}: not an MPNext checkpoint ({type(e).__name__})") from None
         tok = data.Tokenizer.load(os.path.join(fc.init, "tokenizer.json"))
+        state = None if fc.random_init else state
     else:
         print(f"random init: training a {fc.vocab}-token BPE on the task's training texts ...", flush=True)
         tok = data.Tokenizer.train([" ".join(t) for t in task.splits["train"][0]], vocab_size=fc.vocab)
@@ -639,6 +640,10 @@ def finetune_setup(argv):
     return fc, cfg, model, tok, task
 
 
+def source(fc):
+    return f"random init ({fc.init}'s model)" if fc.random_init else fc.init or "random init"
+
+
 def finetune(argv=None):
     """Fine-tune (or probe) and report test accuracy and macro-F1 of the best validation epoch. Returns (results,
     exit status)."""
@@ -650,7 +655,7 @@ def finetune(argv=None):
     labels = {s: torch.tensor(y) for s, (_, y) in task.splits.items()}
     n = {s: len(v) for s, v in rows.items()}
     print(f"{task.name}: {len(task.labels)} classes | train {n['train']} dev {n['dev']} test {n['test']} | "
-          f"{'probe' if fc.probe else 'fine-tune'} | {fc.init or 'random init'} | {device} "
+          f"{'probe' if fc.probe else 'fine-tune'} | {source(fc)} | {device} "
           f"{str(dtype).split('.')[-1]}", flush=True)
 
     def batches(split, order=None):
@@ -686,7 +691,7 @@ def finetune(argv=None):
                minutes=(time.time() - t0) / 60)
     log.write(json.dumps(res) + "\n")
     log.close()
-    print(f"summary | {task.name} | {res['protocol']} | {fc.init or 'random init'} | test_acc {res['test_acc']:.4f} "
+    print(f"summary | {task.name} | {res['protocol']} | {source(fc)} | test_acc {res['test_acc']:.4f} "
           f"test_f1 {res['test_f1']:.4f} | dev_acc {res['dev_acc']:.4f} | {res['minutes']:.1f} min")
     return res, res.pop("exit", 0)
 
@@ -698,7 +703,7 @@ def _finetune_loop(fc, model, batches, predict, labels, n, autocast, log):
                                        eps=1e-6)
     loss_fn = torch.compile(model.loss) if fc.compile else model.loss
     gen = torch.Generator().manual_seed(fc.seed)
-    step, best, best_epoch, stop_status = 0, -1.0, 0, 0
+    step, best, best_epoch, stop_status, bad = 0, -1.0, 0, 0, 0
     bar = tqdm(total=total, dynamic_ncols=True, disable=None)
     with GracefulStop() as stop:
         for epoch in range(1, fc.epochs + 1):
@@ -707,15 +712,18 @@ def _finetune_loop(fc, model, batches, predict, labels, n, autocast, log):
                     group["lr"] = fc.lr * mpnext.lr_multiplier(step, round(0.06 * total), total)
                 with autocast:
                     loss, metrics = loss_fn(batch)
-                if torch.isfinite(loss):  # never step on a NaN
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                loss.backward()
+                if torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)) and torch.isfinite(loss):
                     optimizer.step()
+                    bad = 0
+                else:  # never step on a NaN; give up when it persists
+                    bad += 1
+                    tqdm.write(f"step {step + 1}: the loss or the gradients are not finite; update skipped")
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
-                if stop.signum is not None:
+                if stop.signum is not None or bad >= MAX_BAD_STEPS:
                     break
             dev_acc = (predict("dev") == labels["dev"]).float().mean().item()
             log.write(json.dumps({"epoch": epoch, "step": step, "loss": loss.item(), "dev_acc": dev_acc}) + "\n")
@@ -726,6 +734,11 @@ def _finetune_loop(fc, model, batches, predict, labels, n, autocast, log):
                 save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
                              "finetune_config": dataclasses.asdict(fc), "epoch": epoch, "dev_acc": dev_acc},
                             os.path.join(fc.out_dir, "ckpt.pt"))
+            if bad >= MAX_BAD_STEPS:
+                print(f"error: the loss or the gradients were not finite for {bad} steps in a row; scoring the best "
+                      f"epoch so far ({best_epoch}). Lower --lr, or try --dtype float32", file=sys.stderr)
+                stop_status = 1
+                break
             if stop.signum is not None:
                 print(f"stopped in epoch {epoch}; scoring the best epoch so far ({best_epoch})", flush=True)
                 stop_status = 128 + stop.signum
@@ -738,6 +751,61 @@ def _finetune_loop(fc, model, batches, predict, labels, n, autocast, log):
     return {"dev_acc": best, "test_acc": (pred == labels["test"]).float().mean().item(),
             "test_f1": mpnext.macro_f1(pred, labels["test"], model.cfg.n_classes), "best_epoch": best_epoch,
             "exit": stop_status}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# use a trained model: train.load_run(DIR) in Python, python train.py fill --init DIR "text with <mask>"
+
+
+def config_of(ckpt):
+    model_config = dict(ckpt["model_config"])
+    if "whole_word" in model_config:  # saved before --masking replaced --whole-word
+        model_config["masking"] = "word" if model_config.pop("whole_word") else "token"
+    return mpnext.MPNextConfig(**model_config)
+
+
+def load_run(out_dir, device="cpu"):
+    """(model in eval mode, tokenizer) of a pre-training or fine-tuning --out-dir: the one call that uses a run.
+        model, tok = train.load_run("out")
+        logits = model(torch.tensor([[tok.bos_id] + tok.encode("the <mask> sat", specials=True) + [tok.eos_id]]))"""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise ValueError(f"{out_dir}: no ckpt.pt there; pass the --out-dir of a pre-training or fine-tuning run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model = mpnext.MPNext(config_of(ckpt))
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:
+        raise ValueError(f"{path}: not an MPNext checkpoint ({type(e).__name__})") from None
+    return model.to(device).eval(), data.Tokenizer.load(os.path.join(out_dir, "tokenizer.json"))
+
+
+def fill(argv=None):
+    """Print the top-k tokens for each <mask> of each text. A mask stands for ONE token (a word piece)."""
+    p = OneLineParser(prog="train.py fill", description="Top-k completions for each <mask> (one token each).")
+    p.add_argument("--init", required=True, help="a run's --out-dir")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="cpu", choices=CHOICES["device"])
+    p.add_argument("text", nargs="+", help='e.g. "The <mask> of the module."')
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    model, tok = load_run(args.init, device)
+    lm = model.generator if is_electra(model.cfg) else model  # classic ELECTRA: its generator fills in
+    results = []
+    for text in args.text:
+        ids = [tok.bos_id] + tok.encode(text, specials=True) + [tok.eos_id]
+        where = [i for i, t in enumerate(ids) if t == tok.mask_id]
+        if not where or len(ids) > model.cfg.max_len:
+            raise ValueError(f"{text!r}: needs at least one <mask> and at most {model.cfg.max_len} tokens")
+        with torch.no_grad():
+            probs = lm(torch.tensor([ids], device=device)).float().softmax(-1)[0, where].cpu()  # (masks, V)
+        top = probs.topk(min(args.top_k, probs.shape[-1]))
+        results.append([[(tok.decode([j]), pr) for pr, j in zip(ps.tolist(), js.tolist())]
+                        for ps, js in zip(top.values, top.indices)])
+        print(text)
+        for n, options in enumerate(results[-1], 1):
+            print(f"  <mask> {n}: " + " | ".join(f"{piece.strip() or repr(piece)} {pr:.3f}" for piece, pr in options))
+    return results, 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -804,10 +872,13 @@ def compare(argv=None):
         done = {(r["cell"], r["seed"], r["task"], r["protocol"]): r for r in csv.DictReader(open(csv_path))}
     rows = list(done.values())
     cells = grid + ([] if args.no_random else [("random init", None)])
+
+    def run_dir_of(cell, seed):
+        return os.path.join(args.out_dir, "runs", f"{slug(cell)}-s{seed}")
     for (cell, extra), seed, (task, path), protocol in itertools.product(cells, range(args.seeds), tasks, protocols):
         if (cell, str(seed), task, protocol) in done:
             continue
-        run_dir = os.path.join(args.out_dir, "runs", f"{slug(cell)}-s{seed}")
+        run_dir = run_dir_of(cell, seed)
         pre = {"val_mlm_loss": "", "pretrain_min": 0.0}
         if extra is not None:  # pre-train (or finish pre-training) the cell
             pre = pretrain_cell(pretrain + extra + ["--seed", str(seed), "--out-dir", run_dir, "--samples", "0"])
@@ -815,7 +886,8 @@ def compare(argv=None):
         if os.path.exists(ft_dir):
             shutil.rmtree(ft_dir)  # an interrupted fine-tuning: start it again
         ft = ["--out-dir", ft_dir, "--seed", str(seed)] + (["--data", path] if path else [])
-        ft += ["--init", run_dir] if extra is not None else ["--preset", pretrain_value(pretrain, "preset")]
+        # random init: the first cell's architecture and tokenizer, fresh weights: only pre-training differs
+        ft += ["--init", run_dir] if extra is not None else ["--init", run_dir_of(cells[0][0], seed), "--random-init"]
         ft += ["--probe"] if protocol == "probe" else (["--train-size", str(args.low_size)] if protocol == "low" else [])
         print(f"\n=== {cell} | seed {seed} | {task} | {protocol}", flush=True)
         res, status = finetune(ft + shlex.split(args.finetune))
@@ -1068,7 +1140,7 @@ def main(argv=None):
     return train(*run)[2]  # 0, or 1 after persistent non-finite losses, or 128 + signal after Ctrl-C / SIGTERM
 
 
-COMMANDS = {"finetune": finetune, "compare": compare}
+COMMANDS = {"finetune": finetune, "compare": compare, "fill": fill}
 
 if __name__ == "__main__":
     sys.exit(main())
