@@ -340,6 +340,41 @@ class Tokenizer:
                "merges": [list(m) for m in self.merges]}
         _atomic_write(path, json.dumps(obj).encode())
 
+    def to_hf(self, out_dir):
+        """Write this tokenizer in the Hugging Face `tokenizers` format (tokenizer.json, plus tokenizer_config.json and
+        special_tokens_map.json) so that transformers.AutoTokenizer.from_pretrained(out_dir) encodes exactly as
+        encode() does, with <s> ... </s> around a text and RoBERTa's pair format. No dependency: plain JSON. The BPE's
+        byte tokens are written in GPT-2's printable byte alphabet, as byte-level BPEs in that format are; the
+        pre-tokenizer is our PATTERN, the <mask> token takes the space before it (as encode(specials=True) does)."""
+        printable = [b for b in range(256) if chr(b).isprintable() and not chr(b).isspace() and b != 173]
+        byte_char = {b: chr(b) for b in printable}  # GPT-2's bytes_to_unicode: the rest go to 256, 257, ...
+        byte_char.update({b: chr(256 + k) for k, b in enumerate(b for b in range(256) if b not in byte_char)})
+
+        def piece(i):
+            return "".join(byte_char[b] for b in self.vocab[i])
+
+        special = [dict(id=i, content=t, single_word=False, lstrip=t == "<mask>", rstrip=False, normalized=False,
+                        special=True) for i, t in enumerate(SPECIAL_TOKENS)]
+        byte_level = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=False, use_regex=False)
+        obj = dict(version="1.0", truncation=None, padding=None, added_tokens=special, normalizer=None,
+                   pre_tokenizer=dict(type="Sequence", pretokenizers=[
+                       dict(type="Split", pattern=dict(Regex=PATTERN), behavior="Isolated", invert=False), byte_level]),
+                   post_processor=dict(type="RobertaProcessing", sep=["</s>", self.eos_id], cls=["<s>", self.bos_id],
+                                       trim_offsets=False, add_prefix_space=False),
+                   decoder=byte_level,
+                   model=dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix=None,
+                              end_of_word_suffix=None, fuse_unk=False, byte_fallback=False, ignore_merges=False,
+                              vocab={**{t: i for i, t in enumerate(SPECIAL_TOKENS)},
+                                     **{piece(i): i for i in range(self.n_special, self.vocab_size)}},
+                              merges=[[piece(a), piece(b)] for a, b in self.merges]))
+        names = dict(bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>",
+                     pad_token="<pad>", mask_token="<mask>")
+        config = dict(tokenizer_class="PreTrainedTokenizerFast", model_max_length=512, **names)
+        os.makedirs(out_dir, exist_ok=True)
+        for name, content in (("tokenizer.json", obj), ("tokenizer_config.json", config),
+                              ("special_tokens_map.json", names)):
+            _atomic_write(os.path.join(out_dir, name), json.dumps(content, ensure_ascii=False).encode("utf-8"))
+
     @classmethod
     def load(cls, path) -> "Tokenizer":
         try:

@@ -657,21 +657,22 @@ class MPNext(nn.Module):
         assert not unexpected and all(k.startswith(fresh) for k in missing), (missing, unexpected)
         return model
 
-    def to_hf(self, out_dir):
-        """Write an HF MPNetForMaskedLM checkpoint (config.json + pytorch_model.bin) without needing `transformers`;
-        `MPNetForMaskedLM.from_pretrained(out_dir)` gives the same logits. Only the main encoder and its LM head go out:
-        the ELECTRA generator and the discriminator and SBO heads are pre-training tools, kept in MPNext checkpoints
-        only (as ELECTRA discards its generator). After classic ELECTRA (mlm + rtd) the LM head is untrained."""
+    def to_hf(self, out_dir, labels=None):
+        """Write an HF MPNetForMaskedLM checkpoint (config.json + model.safetensors when the `safetensors` package is
+        installed, else pytorch_model.bin) without needing `transformers`; `MPNetForMaskedLM.from_pretrained(out_dir)`
+        gives the same logits. A fine-tuned model (n_classes > 0) goes out as MPNetForSequenceClassification, with its
+        head. Only the main encoder and its heads go out: the ELECTRA generator and the discriminator and SBO heads are
+        pre-training tools, kept in MPNext checkpoints only (as ELECTRA discards its generator). After classic ELECTRA
+        (mlm + rtd) the LM head is untrained. A model trained without dropout gets 0.1 in the exported config, the
+        value MPNet fine-tunes with, so that HF fine-tuning regularises as users expect."""
         cfg = self.cfg
-        if cfg.pre_ln or cfg.activation != "gelu" or cfg.d_embed not in (0, cfg.d_model):
-            raise ValueError("HF MPNet only has post-LN blocks, a GELU LM head and embeddings of width d_model: "
-                             "pre_ln, mish and d_embed models cannot be exported")
-        if cfg.pad_id != 1:  # HF's MPNetEmbeddings hard-codes padding_idx = 1 for its position ids
-            raise ValueError(f"HF MPNet assumes the padding id is 1; this model pads with {cfg.pad_id}")
+        check_hf_exportable(cfg)
         sd = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
         out = {hf_key: sd[our_key] for hf_key, our_key in _hf_names(cfg.n_layer).items()}
         out["lm_head.decoder.weight"] = sd["tok_emb.weight"]
         out["lm_head.decoder.bias"] = sd["head_bias"]
+        for k in ("dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias") if cfg.n_classes else ():
+            out["classifier." + k] = sd["classifier." + k]
         for i in range(cfg.n_layer):
             qw, kw, vw = sd[f"blocks.{i}.attn.qkv.weight"].chunk(3)
             qb, kb, vb = sd[f"blocks.{i}.attn.qkv.bias"].chunk(3)
@@ -679,16 +680,32 @@ class MPNext(nn.Module):
             out.update({a + "q.weight": qw, a + "k.weight": kw, a + "v.weight": vw,
                         a + "q.bias": qb, a + "k.bias": kb, a + "v.bias": vb})
         hf_config = dict(
-            architectures=["MPNetForMaskedLM"], model_type="mpnet", vocab_size=cfg.vocab_size,
+            architectures=["MPNetForSequenceClassification" if cfg.n_classes else "MPNetForMaskedLM"],
+            model_type="mpnet", vocab_size=cfg.vocab_size,
+            id2label=dict(enumerate(labels or [f"LABEL_{i}" for i in range(max(cfg.n_classes, 2))])),
             hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-            intermediate_size=cfg.d_ff, hidden_act="gelu", hidden_dropout_prob=cfg.dropout,
-            attention_probs_dropout_prob=cfg.attn_dropout, max_position_embeddings=cfg.max_len + 2,
+            intermediate_size=cfg.d_ff, hidden_act="gelu", hidden_dropout_prob=cfg.dropout or 0.1,
+            attention_probs_dropout_prob=cfg.attn_dropout or 0.1, max_position_embeddings=cfg.max_len + 2,
             initializer_range=0.02, layer_norm_eps=cfg.layer_norm_eps,
             relative_attention_num_buckets=cfg.rel_buckets, pad_token_id=cfg.pad_id, tie_word_embeddings=True)
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
-        torch.save({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, "pytorch_model.bin"))
+        out = {k: v.clone().contiguous() for k, v in out.items()}  # tied tensors apart: safetensors stores each once
+        try:
+            from safetensors.torch import save_file
+            save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        except ImportError:
+            torch.save(out, os.path.join(out_dir, "pytorch_model.bin"))
+
+
+def check_hf_exportable(cfg):
+    """A ValueError unless HF's MPNet can hold this model."""
+    if cfg.pre_ln or cfg.activation != "gelu" or cfg.d_embed not in (0, cfg.d_model):
+        raise ValueError("HF MPNet only has post-LN blocks, a GELU LM head and embeddings of width d_model: "
+                         "--pre-ln, --activation mish and --d-embed models cannot be exported")
+    if cfg.pad_id != 1:  # HF's MPNetEmbeddings hard-codes padding_idx = 1 for its position ids
+        raise ValueError(f"HF MPNet assumes the padding id is 1; this model pads with {cfg.pad_id}")
 
 
 def _hf_names(n_layer):

@@ -1810,3 +1810,38 @@ def test_encode_with_specials_and_fill_prints_completions(tmp_path, capsys):
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
     assert train.main(["fill", "--init", str(out), "no mask here"]) == 2
     assert train.main(["fill", "--init", str(tmp_path / "nothing"), "a <mask>"]) == 2
+
+
+def test_export_hf_with_tokenizer_pipeline_and_identical_ids(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = run_train(tmp_path, "--max-steps", "4", "--export-hf", str(tmp_path / "hf"))
+    model, tok = train.load_run(str(out))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    mixed = ("Héllo wörld — naïve café 😀🎉 日本語 12345 3.14159 1,000,000\t\ttabs  and   spaces\n\n\nnew lines "
+             "it's we'll \u00a0nbsp e\u0301 Ωμέγα __init__ x=y+z; #hash $5.00 ﬁ \r\n ٣٤٥ ½ ² ") * 20
+    mixed += open(os.path.join(HERE, "README.md"), encoding="utf-8").read()[:3000]
+    assert hf_tok(mixed, add_special_tokens=False)["input_ids"] == tok.encode(mixed)
+    assert hf_tok("the <mask> sat")["input_ids"] == [tok.bos_id] + tok.encode("the <mask> sat", specials=True) + [2]
+    assert hf_tok("a", "b")["input_ids"] == data.encode_examples([("a", "b")], tok, 64)[0]
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.hidden_dropout_prob == 0.1  # the tiny run had none: fine-tuning gets MPNet's 0.1
+    ids = torch.tensor([[tok.bos_id] + tok.encode("The old cat sees the <mask>.", specials=True) + [tok.eos_id]])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, model(ids), atol=1e-5)
+    answers = transformers.pipeline("fill-mask", model=str(tmp_path / "hf"))("The old cat sees the <mask>.")
+    assert len(answers) == 5 and all("score" in a for a in answers)
+    # a fine-tuned run goes out as MPNetForSequenceClassification with its label names
+    task = toy_task(tmp_path / "t.csv", n=80)
+    train.finetune(["--init", str(out), "--data", task, "--out-dir", str(tmp_path / "ft"), "--epochs", "1",
+                    "--max-len", "32"])
+    assert train.main(["export", "--init", str(tmp_path / "ft"), str(tmp_path / "hf-ft")]) == 0
+    clf = transformers.pipeline("text-classification", model=str(tmp_path / "hf-ft"))("The old cat alpha")
+    assert clf[0]["label"] in ("no", "yes")
+    ft_model, _ = train.load_run(str(tmp_path / "ft"))
+    hf_clf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf-ft").eval()
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.allclose(hf_clf(ids, attention_mask=mask).logits, ft_model.classify(ids, mask), atol=1e-5)
+    # a model HF cannot hold is refused before training
+    assert train.main(["--data", str(tmp_path / "corpus"), "--out-dir", str(tmp_path / "m"), *TINY_ARGS,
+                       "--activation", "mish", "--export-hf", str(tmp_path / "x")]) == 2

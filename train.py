@@ -74,6 +74,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the loss (GPU speed knob; costs seconds to minutes at start)
     resume: bool = False  # continue from out_dir/ckpt.pt
     benchmark: bool = False  # instead of training: time the tokenizer and one training step per objective (and HF's)
+    export_hf: str = ""  # at the end, also write a Hugging Face checkpoint with its tokenizer to this directory
     bench_only: str = ""  # --benchmark rows, comma-separated (hf,mlm,plm,mpnet,mlm+rtd,mpnet+rtd,mpnet+span+sbo); "" = all
 
 
@@ -407,6 +408,10 @@ def check_run(tc, cfg):
     unknown = set(tc.bench_only.split(",")) - set(BENCH_ROWS) if tc.bench_only else set()
     if unknown:
         raise ValueError(f"--bench-only {tc.bench_only}: unknown row(s) {sorted(unknown)}; pick from {','.join(BENCH_ROWS)}")
+    if tc.export_hf:
+        mpnext.check_hf_exportable(cfg)
+        if os.path.isfile(tc.export_hf):
+            raise ValueError(f"--export-hf {tc.export_hf} is a file; name a directory")
     if tc.batch_size % tc.grad_accum:
         raise ValueError(f"--batch-size {tc.batch_size} must be a multiple of --grad-accum {tc.grad_accum}")
     if tc.schedule_steps and tc.max_steps > tc.schedule_steps and tc.min_lr_ratio == 0 and tc.optimizer != "ranger21":
@@ -686,7 +691,7 @@ def finetune(argv=None):
                                                   b["attention_mask"], "mean").cpu() for b in batches(s)])
         res = mpnext.probe(feats, labels, len(task.labels))
     else:
-        res = _finetune_loop(fc, model, batches, predict, labels, n, autocast, log)
+        res = _finetune_loop(fc, model, batches, predict, labels, n, autocast, log, task.labels)
     res.update(task=task.name, protocol="probe" if fc.probe else "finetune", n_train=n["train"],
                minutes=(time.time() - t0) / 60)
     log.write(json.dumps(res) + "\n")
@@ -696,7 +701,7 @@ def finetune(argv=None):
     return res, res.pop("exit", 0)
 
 
-def _finetune_loop(fc, model, batches, predict, labels, n, autocast, log):
+def _finetune_loop(fc, model, batches, predict, labels, n, autocast, log, labels_names):
     """Epochs with early stopping on dev accuracy; the best epoch's weights are saved and scored on test."""
     total = fc.epochs * math.ceil(n["train"] / fc.batch_size)
     optimizer = mpnext.build_optimizer(model, "adamw", lr=fc.lr, weight_decay=fc.weight_decay, betas=(0.9, 0.98),
@@ -732,7 +737,8 @@ def _finetune_loop(fc, model, batches, predict, labels, n, autocast, log):
             if dev_acc > best:
                 best, best_epoch = dev_acc, epoch
                 save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
-                             "finetune_config": dataclasses.asdict(fc), "epoch": epoch, "dev_acc": dev_acc},
+                             "finetune_config": dataclasses.asdict(fc), "epoch": epoch, "dev_acc": dev_acc,
+                             "labels": labels_names},
                             os.path.join(fc.out_dir, "ckpt.pt"))
             if bad >= MAX_BAD_STEPS:
                 print(f"error: the loss or the gradients were not finite for {bad} steps in a row; scoring the best "
@@ -778,6 +784,26 @@ def load_run(out_dir, device="cpu"):
     except Exception as e:
         raise ValueError(f"{path}: not an MPNext checkpoint ({type(e).__name__})") from None
     return model.to(device).eval(), data.Tokenizer.load(os.path.join(out_dir, "tokenizer.json"))
+
+
+def export_hf(run_dir, out_dir):
+    """A run's model and tokenizer as a Hugging Face checkpoint: pipeline("fill-mask", model=out_dir) works, or for a
+    fine-tuned run pipeline("text-classification", model=out_dir)."""
+    model, tok = load_run(run_dir)
+    labels = torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True).get("labels")
+    model.to_hf(out_dir, labels)
+    tok.to_hf(out_dir)
+    print(f"wrote {out_dir}: transformers.AutoModelFor{'SequenceClassification' if labels else 'MaskedLM'}"
+          f".from_pretrained({out_dir!r}) and AutoTokenizer.from_pretrained({out_dir!r}) load it")
+
+
+def export(argv=None):
+    p = OneLineParser(prog="train.py export", description="Write a run as a Hugging Face checkpoint with its tokenizer.")
+    p.add_argument("--init", required=True, help="a run's --out-dir")
+    p.add_argument("out", help="the directory to write")
+    args = p.parse_args(argv)
+    export_hf(args.init, args.out)
+    return None, 0
 
 
 def fill(argv=None):
@@ -1137,10 +1163,13 @@ def main(argv=None):
     if run[0].benchmark:
         benchmark(*run)
         return 0
-    return train(*run)[2]  # 0, or 1 after persistent non-finite losses, or 128 + signal after Ctrl-C / SIGTERM
+    status = train(*run)[2]  # 0, or 1 after persistent non-finite losses, or 128 + signal after Ctrl-C / SIGTERM
+    if status == 0 and run[0].export_hf:
+        export_hf(run[0].out_dir, run[0].export_hf)
+    return status
 
 
-COMMANDS = {"finetune": finetune, "compare": compare, "fill": fill}
+COMMANDS = {"finetune": finetune, "compare": compare, "fill": fill, "export": export}
 
 if __name__ == "__main__":
     sys.exit(main())
