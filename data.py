@@ -335,7 +335,13 @@ class Tokenizer:
         """Short hash that changes whenever the encoding would change (used to validate caches)."""
         return hashlib.sha256(json.dumps([PATTERN, SPECIAL_TOKENS, self.merges]).encode()).hexdigest()[:16]
 
+    @property
+    def special_ids(self):
+        return tuple(range(self.n_special))
+
     def save(self, path):
+        """To a file, or to DIR/tokenizer.json when path is a directory (as load_tokenizer reads it)."""
+        path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         obj = {"format": "mpnext-bpe", "version": 2, "pattern": PATTERN, "special_tokens": SPECIAL_TOKENS,
                "merges": [list(m) for m in self.merges]}
         _atomic_write(path, json.dumps(obj).encode())
@@ -385,6 +391,53 @@ class Tokenizer:
                 or obj.get("special_tokens") != SPECIAL_TOKENS:
             raise DataError(f"{path}: not a tokenizer saved by this version of data.py; delete it to retrain")
         return cls(obj["merges"])
+
+class HFTokenizer:
+    """A checkpoint's own Hugging Face tokenizer (MPNet's WordPiece) behind the interface of Tokenizer, so that the
+    batches, the masks and every objective run on it unchanged. `transformers` is imported only here. Word starts
+    follow WordPiece's convention: a piece starting with "##" continues a word, every other piece starts one."""
+
+    def __init__(self, name_or_path):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise DataError(f"{name_or_path}: reading a Hugging Face checkpoint needs `transformers`; "
+                            f"pip install transformers") from None
+        try:
+            self.hf = AutoTokenizer.from_pretrained(name_or_path)
+        except Exception as e:  # no such directory, no tokenizer files, hub unreachable
+            raise DataError(f"{name_or_path}: no Hugging Face tokenizer there ({type(e).__name__}); pass an MPNet "
+                            f"checkpoint directory, or a hub name while online") from None
+        h = self.hf
+        ids = (h.bos_token_id, h.pad_token_id, h.eos_token_id, h.unk_token_id, h.mask_token_id)
+        if None in ids:
+            raise DataError(f"{name_or_path}: the tokenizer lacks one of <s> <pad> </s> <unk> <mask>; MPNet needs all")
+        self.bos_id, self.pad_id, self.eos_id, self.unk_id, self.mask_id = ids
+        self.vocab_size = len(h)
+        self.special_ids = tuple(sorted(set(h.all_special_ids)))
+        pieces = h.convert_ids_to_tokens(list(range(self.vocab_size)))
+        self.word_start = np.array([not p.startswith("##") for p in pieces])
+        self.breaks_after = np.isin(np.arange(self.vocab_size), self.special_ids)
+        self.fingerprint = hashlib.sha256(json.dumps(pieces).encode()).hexdigest()[:16]
+
+    def encode(self, text: str, specials=False) -> list[int]:
+        return self.hf(text, add_special_tokens=False, split_special_tokens=not specials)["input_ids"]
+
+    def decode(self, ids) -> str:
+        return self.hf.decode(ids.tolist() if hasattr(ids, "tolist") else ids)
+
+    def save(self, out_dir):
+        self.hf.save_pretrained(os.path.join(out_dir, "hf_tokenizer"))
+
+    def to_hf(self, out_dir):
+        self.hf.save_pretrained(out_dir)  # the checkpoint's own files
+
+
+def load_tokenizer(run_dir):
+    """The tokenizer a run saved: MPNext's BPE (tokenizer.json) or a checkpoint's own (hf_tokenizer/)."""
+    hf = os.path.join(run_dir, "hf_tokenizer")
+    return HFTokenizer(hf) if os.path.isdir(hf) else Tokenizer.load(os.path.join(run_dir, "tokenizer.json"))
+
 
 # -----------------------------------------------------------------------------
 # batches

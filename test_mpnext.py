@@ -1845,3 +1845,51 @@ def test_export_hf_with_tokenizer_pipeline_and_identical_ids(tmp_path):
     # a model HF cannot hold is refused before training
     assert train.main(["--data", str(tmp_path / "corpus"), "--out-dir", str(tmp_path / "m"), *TINY_ARGS,
                        "--activation", "mish", "--export-hf", str(tmp_path / "x")]) == 2
+
+
+def make_hf_mpnet(path):
+    """A Hugging Face MPNet with random weights and a small WordPiece vocabulary, saved locally (no download)."""
+    transformers = pytest.importorskip("transformers")
+    words = ("the cat dog bird fish horse king queen child river tree house ship garden sees finds likes follows "
+             "paints feeds carries watches builds hears old young red green small large quiet happy dark bright "
+             "sail farm . ,").split()
+    vocab = ["<s>", "<pad>", "</s>", "[UNK]"] + words + ["##or", "##er", "##s", "##ed"] + ["<mask>"]
+    os.makedirs(path, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.MPNetTokenizer(str(path / "vocab.txt")).save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = transformers.MPNetConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=66)
+    transformers.MPNetForMaskedLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+def test_init_from_hf_mpnet_continue_pretraining_and_export(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf_dir = make_hf_mpnet(tmp_path / "hf-mpnet")
+    tok = data.HFTokenizer(hf_dir)
+    ids = tok.encode("the sailor farmer sees")
+    pieces = tok.hf.convert_ids_to_tokens(ids)
+    assert pieces == ["the", "sail", "##or", "farm", "##er", "sees"]
+    assert tok.word_start[ids].tolist() == [True, True, False, True, False, True]
+    corpus = toy_corpus(tmp_path / "corpus")
+    argv = ["--init", hf_dir, "--data", corpus, "--out-dir", str(tmp_path / "run"), "--masking", "word",
+            "--max-steps", "3", "--eval-every", "3", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "1",
+            "--samples", "1", "--warmup-steps", "1", "--export-hf", str(tmp_path / "exported")]
+    assert train.main(argv) == 0
+    model, tok2 = train.load_run(str(tmp_path / "run"))
+    assert isinstance(tok2, data.HFTokenizer) and model.cfg.masking == "word" and model.cfg.d_model == 32
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "exported").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    x = hf_tok(["the old cat sees the <mask> dog ."], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, model(x), atol=1e-5)
+        assert not torch.allclose(hf(x).logits, transformers.MPNetForMaskedLM.from_pretrained(hf_dir)(x).logits)
+    answers = transformers.pipeline("fill-mask", model=str(tmp_path / "exported"))("the old cat sees the <mask> .")
+    assert len(answers) == 5
+    # size flags that contradict the checkpoint: one line, status 2; fine-tuning takes the same checkpoint
+    assert train.main(argv[:6] + ["--out-dir", str(tmp_path / "r2"), "--d-model", "64"]) == 2
+    fc, cfg, ft_model, ft_tok, _ = train.finetune_setup(["--init", hf_dir, "--data", toy_task(tmp_path / "t.csv"),
+                                                         "--out-dir", str(tmp_path / "ft"), "--max-len", "32"])
+    assert cfg.n_classes == 2 and isinstance(ft_tok, data.HFTokenizer)
+    assert (tmp_path / "ft" / "hf_tokenizer").is_dir()

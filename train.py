@@ -73,6 +73,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 with bf16 matmuls, else fp16 on CUDA, else fp32) | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the loss (GPU speed knob; costs seconds to minutes at start)
     resume: bool = False  # continue from out_dir/ckpt.pt
+    init: str = ""  # start from an MPNext run directory or an HF MPNet checkpoint (directory or hub name): its weights
+    #                 and tokenizer, a fresh optimizer; any objective and head
     benchmark: bool = False  # instead of training: time the tokenizer and one training step per objective (and HF's)
     export_hf: str = ""  # at the end, also write a Hugging Face checkpoint with its tokenizer to this directory
     bench_only: str = ""  # --benchmark rows, comma-separated (hf,mlm,plm,mpnet,mlm+rtd,mpnet+rtd,mpnet+span+sbo); "" = all
@@ -335,7 +337,7 @@ def setup(argv=None):
                           resume=False)
     out_dir = train_args.get("out_dir", TrainConfig.out_dir)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = None
+    ckpt, init_state = None, None
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out-dir {out_dir} is a file; name a directory")
     if os.path.exists(ckpt_path) and not train_args.get("resume"):
@@ -359,12 +361,20 @@ def setup(argv=None):
         changed = sorted(k for k, v in model_args.items() if getattr(cfg, k) != v)
         if changed:  # the same command line plus --resume is fine; a different model is not
             raise ValueError(f"--resume keeps the model/objective of the checkpoint; drop or fix {changed}")
-        tok = data.Tokenizer.load(os.path.join(out_dir, "tokenizer.json"))
+        tok = data.load_tokenizer(out_dir)
     else:
         tc = TrainConfig(**train_args)
         tok = None
-        preset = mpnext.MPNextConfig.from_preset(tc.preset)
-        cfg = dataclasses.replace(preset, **{"max_len": max(preset.max_len, tc.seq_len), **model_args})
+        if tc.init:  # the checkpoint fixes the architecture and the vocabulary; the objective and heads are free
+            cfg, init_state, tok = load_init(tc.init)
+            clash = sorted(k for k, v in model_args.items() if k in ARCH_FIELDS and getattr(cfg, k) != v)
+            clash += [f for f in ("preset", "vocab") if f in train_args]
+            if clash:
+                raise ValueError(f"--init {tc.init} fixes the model size and vocabulary; drop {clash}")
+            cfg = dataclasses.replace(cfg, **model_args)
+        else:
+            preset = mpnext.MPNextConfig.from_preset(tc.preset)
+            cfg = dataclasses.replace(preset, **{"max_len": max(preset.max_len, tc.seq_len), **model_args})
     check_run(tc, cfg)  # fail fast, before any data work
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -376,15 +386,41 @@ def setup(argv=None):
     if tok is None:
         print(f"training a {tc.vocab}-token BPE on {sum(map(len, train_docs)) / 1e6:.1f} MB ...", flush=True)
         tok = data.Tokenizer.train(train_docs, vocab_size=tc.vocab)
-        tok.save(os.path.join(out_dir, "tokenizer.json"))
         cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size, pad_id=tok.pad_id, mask_id=tok.mask_id,
-                                  special_ids=tuple(range(tok.n_special)))
+                                  special_ids=tok.special_ids)
+    tok.save(out_dir)
     streams = [data.encode_documents(d, tok, os.path.join(out_dir, f"{name}_tokens.npz"))
                for name, d in (("train", train_docs), ("val", val_docs))]
     train_b = data.Batches(streams[0], tok, tc.seq_len, tc.batch_size // tc.grad_accum, "train")
     val_b = data.Batches(streams[1], tok, tc.seq_len, tc.batch_size, "validation")
     make_optimizer(mpnext.MPNext(cfg), tc)  # config errors (unknown activation, optimizer, ...) surface here
-    return tc, cfg, tok, device, train_b, val_b, ckpt
+    return tc, cfg, tok, device, train_b, val_b, ckpt, init_state
+
+
+ARCH_FIELDS = {"vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_len", "d_embed", "pre_ln", "activation",
+               "rel_buckets", "rel_max_distance", "layer_norm_eps"}  # what an --init checkpoint decides
+
+
+def load_init(path):
+    """--init: (config, weights, tokenizer) of an MPNext run directory, or of a Hugging Face MPNet checkpoint
+    (a directory or a hub name) with its own tokenizer."""
+    if os.path.exists(os.path.join(path, "ckpt.pt")):
+        try:
+            ckpt = torch.load(os.path.join(path, "ckpt.pt"), map_location="cpu", weights_only=True)
+            cfg, state = config_of(ckpt), ckpt["model"]
+        except Exception as e:
+            raise ValueError(f"--init {path}: ckpt.pt is not an MPNext checkpoint ({type(e).__name__})") from None
+        return dataclasses.replace(cfg, n_classes=0), state, data.load_tokenizer(path)
+    tok = data.HFTokenizer(path)
+    try:
+        model = mpnext.MPNext.from_hf(path, mask_id=tok.mask_id)
+    except Exception as e:
+        raise ValueError(f"--init {path}: not an MPNet checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+                         ) from None
+    if model.cfg.vocab_size != tok.vocab_size or model.cfg.pad_id != tok.pad_id:
+        raise ValueError(f"--init {path}: its tokenizer ({tok.vocab_size} tokens, pad {tok.pad_id}) does not fit its "
+                         f"model ({model.cfg.vocab_size}, pad {model.cfg.pad_id})")
+    return dataclasses.replace(model.cfg, special_ids=tok.special_ids), model.state_dict(), tok
 
 
 def check_run(tc, cfg):
@@ -430,9 +466,12 @@ def make_optimizer(model, tc):
                                   num_iterations=tc.schedule_steps or tc.max_steps, output_layer_names=outputs)
 
 
-def train(tc, cfg, tok, device, train_b, val_b, ckpt=None):
+def train(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None):
     torch.manual_seed(tc.seed)
     model = mpnext.MPNext(cfg).to(device)
+    if init_state is not None and ckpt is None:  # --init: its encoder; heads it lacks keep their fresh init
+        missing, _ = model.load_state_dict(init_state, strict=False)
+        assert all(k.startswith(("generator.", "disc.", "sbo.", "head_")) for k in missing), missing
     schedule_steps = tc.schedule_steps or tc.max_steps
     optimizer = make_optimizer(model, tc)
     dtype = pick_dtype(tc.dtype, device)
@@ -608,22 +647,14 @@ def finetune_setup(argv):
         raise ValueError(f"{fc.out_dir} already holds a fine-tuned model; pick another --out-dir or delete it")
     task = data.load_task(fc.data or None, fc.split_seed, fc.train_size, fc.label_col, fc.text_cols)
     state = None
-    if fc.init:
-        path = os.path.join(fc.init, "ckpt.pt")
-        if not os.path.exists(path):
-            raise ValueError(f"--init {fc.init}: no ckpt.pt there; pass a pre-training --out-dir")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            cfg, state = config_of(ckpt), ckpt["model"]
-        except Exception as e:
-            raise ValueError(f"--init {path}: not an MPNext checkpoint ({type(e).__name__})") from None
-        tok = data.Tokenizer.load(os.path.join(fc.init, "tokenizer.json"))
-        state = None if fc.random_init else state
+    if fc.init:  # a pre-training (or fine-tuning) run directory, or a Hugging Face MPNet checkpoint
+        cfg, state, tok = load_init(fc.init)
+        state = None if fc.random_init else {k: v for k, v in state.items() if not k.startswith("classifier.")}
     else:
         print(f"random init: training a {fc.vocab}-token BPE on the task's training texts ...", flush=True)
         tok = data.Tokenizer.train([" ".join(t) for t in task.splits["train"][0]], vocab_size=fc.vocab)
         cfg = dataclasses.replace(mpnext.MPNextConfig.from_preset(fc.preset), vocab_size=tok.vocab_size,
-                                  pad_id=tok.pad_id, mask_id=tok.mask_id, special_ids=tuple(range(tok.n_special)))
+                                  pad_id=tok.pad_id, mask_id=tok.mask_id, special_ids=tok.special_ids)
     if fc.max_len > cfg.max_len:
         raise ValueError(f"--max-len {fc.max_len} exceeds the model's max_len {cfg.max_len}")
     # the encoder alone plus a new head: pre-training heads (generator, discriminator, SBO) are left behind
@@ -641,7 +672,7 @@ def finetune_setup(argv):
         if any(not k.startswith("classifier.") for k in missing):
             raise ValueError(f"--init {fc.init}: the checkpoint lacks encoder weights {missing[:3]}")
     os.makedirs(fc.out_dir, exist_ok=True)
-    tok.save(os.path.join(fc.out_dir, "tokenizer.json"))
+    tok.save(fc.out_dir)
     return fc, cfg, model, tok, task
 
 
@@ -783,7 +814,7 @@ def load_run(out_dir, device="cpu"):
         model.load_state_dict(ckpt["model"])
     except Exception as e:
         raise ValueError(f"{path}: not an MPNext checkpoint ({type(e).__name__})") from None
-    return model.to(device).eval(), data.Tokenizer.load(os.path.join(out_dir, "tokenizer.json"))
+    return model.to(device).eval(), data.load_tokenizer(out_dir)
 
 
 def export_hf(run_dir, out_dir):
@@ -1050,7 +1081,7 @@ BENCH_VARIANTS = [dict(objective="mlm"), dict(objective="plm"), dict(objective="
 BENCH_ROWS = ["hf", "mlm", "plm", "mpnet", "mlm+rtd", "mpnet+rtd", "mpnet+span+sbo"]  # --bench-only names
 
 
-def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, steps=10):
+def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None, steps=10):
     """Side-by-side timings in one process: BPE training and encoding on the corpus, then a full training step
     (forward, backward, AdamW) of each objective and head on the same batch, and of HF's MPNetForMaskedLM when
     installed, in each precision the device runs natively. Each step's model FLOPs (3 x the forward matmul FLOPs,
