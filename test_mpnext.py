@@ -1893,3 +1893,17 @@ def test_init_from_hf_mpnet_continue_pretraining_and_export(tmp_path):
                                                          "--out-dir", str(tmp_path / "ft"), "--max-len", "32"])
     assert cfg.n_classes == 2 and isinstance(ft_tok, data.HFTokenizer)
     assert (tmp_path / "ft" / "hf_tokenizer").is_dir()
+
+
+def test_init_from_an_mpnext_run_takes_weights_and_tokenizer_with_a_fresh_optimizer(tmp_path):
+    first = run_train(tmp_path, "--max-steps", "4")
+    before = torch.load(first / "ckpt.pt", weights_only=True)["model"]
+    argv = ["--init", str(first), "--data", str(tmp_path / "corpus"), "--out-dir", str(tmp_path / "second"),
+            "--objective", "mlm", "--rtd", "--batch-size", "8", "--seq-len", "32", "--eval-batches", "1",
+            "--samples", "0", "--warmup-steps", "1", "--lr", "1e-9"]
+    tc, cfg, tok, device, train_b, val_b, ckpt, init_state = train.setup(argv + ["--max-steps", "1"])
+    assert ckpt is None and torch.equal(init_state["blocks.1.fc1.weight"], before["blocks.1.fc1.weight"])
+    assert tok.merges == data.Tokenizer.load(first / "tokenizer.json").merges and cfg.objective == "mlm" and cfg.rtd
+    model = train.train(tc, cfg, tok, device, train_b, val_b, ckpt, init_state)[0]
+    assert (model.state_dict()["blocks.1.fc1.weight"] - before["blocks.1.fc1.weight"]).abs().max() < 1e-6
+    assert train.main(argv + ["--out-dir", str(tmp_path / "third"), "--vocab", "500"]) == 2  # the vocab is the run's
