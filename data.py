@@ -346,7 +346,7 @@ class Tokenizer:
                "merges": [list(m) for m in self.merges]}
         _atomic_write(path, json.dumps(obj).encode())
 
-    def to_hf(self, out_dir):
+    def to_hf(self, out_dir, max_len=512):
         """Write this tokenizer in the Hugging Face `tokenizers` format (tokenizer.json, plus tokenizer_config.json and
         special_tokens_map.json) so that transformers.AutoTokenizer.from_pretrained(out_dir) encodes exactly as
         encode() does, with <s> ... </s> around a text and RoBERTa's pair format. No dependency: plain JSON. The BPE's
@@ -375,7 +375,7 @@ class Tokenizer:
                               merges=[[piece(a), piece(b)] for a, b in self.merges]))
         names = dict(bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>",
                      pad_token="<pad>", mask_token="<mask>")
-        config = dict(tokenizer_class="PreTrainedTokenizerFast", model_max_length=512, **names)
+        config = dict(tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_len, **names)
         os.makedirs(out_dir, exist_ok=True)
         for name, content in (("tokenizer.json", obj), ("tokenizer_config.json", config),
                               ("special_tokens_map.json", names)):
@@ -429,7 +429,7 @@ class HFTokenizer:
     def save(self, out_dir):
         self.hf.save_pretrained(os.path.join(out_dir, "hf_tokenizer"))
 
-    def to_hf(self, out_dir):
+    def to_hf(self, out_dir, max_len=None):
         self.hf.save_pretrained(out_dir)  # the checkpoint's own files
 
 
@@ -565,8 +565,9 @@ def _read_table(path: Path, label_col: str, text_cols: str):
         raise DataError(f"{path}: no column {label_col!r} in the header {header}; name the label column with "
                         f"--label-col")
     cols = text_cols.split(",") if text_cols else [c for c in header if c != label_col]
-    if not 1 <= len(cols) <= 2 or any(c not in header for c in cols):
-        raise DataError(f"{path}: text columns {cols} must be one or two of {header}; pick them with --text-cols")
+    if not 1 <= len(cols) <= 2 or any(c not in header or c == label_col for c in cols):
+        raise DataError(f"{path}: text columns {cols} must be one or two of {header}, not the label; pick them with "
+                        f"--text-cols")
     for line, r in enumerate(rows, 2):
         if len(r) != len(header):
             raise DataError(f"{path}: line {line} has {len(r)} fields, the header {len(header)}; fix the quoting")
@@ -623,6 +624,25 @@ def _stratified(labels, fractions, rng):
     return [sorted(p) for p in parts]
 
 
+def _subsample(labels, n, rng):
+    """n indices, every class in proportion and at least once (largest remainders get the rest), sorted."""
+    by_class = defaultdict(list)
+    for i, y in enumerate(labels):
+        by_class[y].append(i)
+    share = {y: n * len(ix) / len(labels) for y, ix in by_class.items()}
+    take = {y: max(1, int(s)) for y, s in share.items()}
+    for y in sorted(share, key=lambda y: take[y] - share[y])[:max(0, n - sum(take.values()))]:
+        take[y] += 1
+    while sum(take.values()) > n:  # the at-least-one rule overshot: trim the largest classes
+        take[max(take, key=take.get)] -= 1
+    keep = []
+    for y in sorted(by_class):
+        idx = by_class[y][:]
+        rng.shuffle(idx)
+        keep += idx[:take[y]]
+    return sorted(keep)
+
+
 def load_task(path: str | None, seed=0, train_size=0, label_col="label", text_cols="", cache_dir=None) -> Task:
     """A labelled task. path: None -> the built-in stdlib-package task; a CSV/TSV file with a header; a directory with
     one file per class (e.g. pos.txt, neg.txt: one example per line); or a directory holding train / dev / test files
@@ -648,6 +668,11 @@ def load_task(path: str | None, seed=0, train_size=0, label_col="label", text_co
         texts, labels = named.pop("all")
         idx = dict(zip(("train", "dev", "test"), _stratified(labels, [0.8, 0.1, 0.1], rng)))
         named = {s: ([texts[i] for i in ix], [labels[i] for i in ix]) for s, ix in idx.items()}
+    seen = set(named["train"][0])  # a dev/test text that also occurs in train would be a leak: dropped
+    for s in ("dev", "test"):
+        if s in named:
+            keep = [i for i, t in enumerate(named[s][0]) if t not in seen]
+            named[s] = [named[s][0][i] for i in keep], [named[s][1][i] for i in keep]
     for s in ("dev", "test"):  # a split the directory lacks: 10% of train
         if s not in named:
             texts, labels = named["train"]
@@ -668,8 +693,11 @@ def load_task(path: str | None, seed=0, train_size=0, label_col="label", text_co
         if train_size < len(label_names) or train_size > len(texts):
             raise DataError(f"--train-size {train_size}: pick between {len(label_names)} (one per class) and "
                             f"{len(texts)} (all training examples)")
-        keep = _stratified(labels, [train_size / len(texts), 0.0], rng)[0][:train_size]
+        keep = _subsample(labels, train_size, rng)
         named["train"] = [texts[i] for i in keep], [labels[i] for i in keep]
+    for s in SPLITS:
+        if not named[s][0]:
+            raise DataError(f"{path or name}: the {s} split is empty (too few examples per class); add examples")
     ids = {y: i for i, y in enumerate(label_names)}
     return Task(name, label_names, {s: (named[s][0], [ids[y] for y in named[s][1]]) for s in SPLITS})
 

@@ -706,6 +706,11 @@ def check_hf_exportable(cfg):
                          "--pre-ln, --activation mish and --d-embed models cannot be exported")
     if cfg.pad_id != 1:  # HF's MPNetEmbeddings hard-codes padding_idx = 1 for its position ids
         raise ValueError(f"HF MPNet assumes the padding id is 1; this model pads with {cfg.pad_id}")
+    if (cfg.rel_buckets, cfg.rel_max_distance) != (32, 128):  # HF's compute_position_bias hard-codes both
+        raise ValueError(f"HF MPNet uses 32 relative buckets up to distance 128; this model has {cfg.rel_buckets} up "
+                         f"to {cfg.rel_max_distance}")
+    if cfg.n_classes and cfg.pooling != "first":  # MPNetClassificationHead reads the <s> row
+        raise ValueError("HF's MPNetForSequenceClassification pools the <s> row; a --pooling mean model cannot go out")
 
 
 def _hf_names(n_layer):
@@ -1002,13 +1007,14 @@ def logistic_regression(x, y, n_classes, l2, max_iter=200):
 
 
 def macro_f1(pred, y, n_classes):
-    """The mean over classes of F1 = 2 TP / (2 TP + FP + FN); a class absent from both pred and y counts 1."""
+    """The mean over classes of F1 = 2 TP / (2 TP + FP + FN), over the classes present in pred or y (as sklearn)."""
     f1 = []
     for c in range(n_classes):
         tp = ((pred == c) & (y == c)).sum().item()
         wrong = ((pred == c) != (y == c)).sum().item()  # FP + FN
-        f1.append(2 * tp / (2 * tp + wrong) if tp + wrong else 1.0)
-    return sum(f1) / n_classes
+        if tp + wrong:
+            f1.append(2 * tp / (2 * tp + wrong))
+    return sum(f1) / max(len(f1), 1)
 
 
 PROBE_L2 = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # SentEval's grid of L2 strengths, picked on validation

@@ -5,6 +5,7 @@ skip cleanly when it is not installed), closed forms, and information-flow tests
 """
 
 import copy
+import dataclasses
 import io
 import json
 import math
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -1615,12 +1617,14 @@ def test_load_task_formats_dedup_and_stratified_split(tmp_path):
     # a directory of class files; duplicates dropped, texts under two labels dropped; README is not a class
     d = tmp_path / "cls"
     d.mkdir()
-    (d / "pos.txt").write_text("good\ngood\nfine\ngreat\nsuper\nnice\nboth\n")
-    (d / "neg.txt").write_text("bad\nawful\npoor\nworse\nugly\nboth\n")
+    pos, neg = "good fine great super nice lovely grand neat cool sweet".split(), "bad awful poor worse ugly grim sad " \
+        "vile dull mean".split()
+    (d / "pos.txt").write_text("\n".join(pos + ["good", "both"]) + "\n")
+    (d / "neg.txt").write_text("\n".join(neg + ["both"]) + "\n")
     (d / "README.txt").write_text("about this data\n")
     t = data.load_task(str(d))
     texts = [x[0] for s in data.SPLITS for x in t.splits[s][0]]
-    assert sorted(texts) == sorted(["good", "fine", "great", "super", "nice", "bad", "awful", "poor", "worse", "ugly"])
+    assert sorted(texts) == sorted(pos + neg)
     assert t.labels == ["neg", "pos"]
     # train/dev/test files are used as named; --train-size keeps a stratified subset
     s = tmp_path / "splits"
@@ -1629,11 +1633,16 @@ def test_load_task_formats_dedup_and_stratified_split(tmp_path):
         toy_task(s / f"{name}.csv", n=n, seed=len(name))
     t = data.load_task(str(s), train_size=10)
     assert [len(t.splits[x][0]) for x in data.SPLITS] == [10, 20, 30] and 3 <= sum(t.splits["train"][1]) <= 7
+    # --train-size keeps every class, in proportion, exactly n examples
+    labels = ["a"] * 300 + ["b"] * 20 + ["c"] * 20
+    for n, want in ((3, {"a": 1, "b": 1, "c": 1}), (34, {"a": 30, "b": 2, "c": 2}), (10, None)):
+        got = Counter(labels[i] for i in data._subsample(labels, n, random.Random(0)))
+        assert sum(got.values()) == n and set(got) == {"a", "b", "c"} and (want is None or got == want)
 
 
 def test_load_task_rejects_bad_input_with_one_line(tmp_path):
     cases = {"nolabel.csv": "text,cls\na,b\nc,d\n", "one.csv": "text,label\na,x\nb,x\nc,x\nd,x\n", "empty.csv": "",
-             "ragged.csv": "text,label\na,b,c\n"}
+             "ragged.csv": "text,label\na,b,c\n", "tiny.csv": "text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(8))}
     for name, content in cases.items():
         (tmp_path / name).write_text(content)
         with pytest.raises(data.DataError) as e:
@@ -1641,7 +1650,7 @@ def test_load_task_rejects_bad_input_with_one_line(tmp_path):
         msg = str(e.value)
         assert "\n" not in msg and name in msg, msg
         assert {"nolabel.csv": "--label-col", "one.csv": "single class", "empty.csv": "empty",
-                "ragged.csv": "line 2"}[name] in msg
+                "ragged.csv": "line 2", "tiny.csv": "split is empty"}[name] in msg
     s = tmp_path / "unseen"
     s.mkdir()
     (s / "train.csv").write_text("text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(20)))
@@ -1842,7 +1851,11 @@ def test_export_hf_with_tokenizer_pipeline_and_identical_ids(tmp_path):
     mask = torch.ones_like(ids)
     with torch.no_grad():
         assert torch.allclose(hf_clf(ids, attention_mask=mask).logits, ft_model.classify(ids, mask), atol=1e-5)
-    # a model HF cannot hold is refused before training
+    # models HF cannot hold are refused (before training with --export-hf), and a run's own directory is not a target
+    for bad in (dict(pooling="mean", n_classes=2), dict(rel_buckets=64), dict(activation="mish")):
+        with pytest.raises(ValueError):
+            mpnext.check_hf_exportable(dataclasses.replace(model.cfg, **bad))
+    assert train.main(["export", "--init", str(out), str(out)]) == 2
     assert train.main(["--data", str(tmp_path / "corpus"), "--out-dir", str(tmp_path / "m"), *TINY_ARGS,
                        "--activation", "mish", "--export-hf", str(tmp_path / "x")]) == 2
 

@@ -446,6 +446,8 @@ def check_run(tc, cfg):
         raise ValueError(f"--bench-only {tc.bench_only}: unknown row(s) {sorted(unknown)}; pick from {','.join(BENCH_ROWS)}")
     if tc.export_hf:
         mpnext.check_hf_exportable(cfg)
+        if os.path.abspath(tc.export_hf) == os.path.abspath(tc.out_dir):
+            raise ValueError(f"--export-hf {tc.export_hf} is the run's own --out-dir; name another directory")
         if os.path.isfile(tc.export_hf):
             raise ValueError(f"--export-hf {tc.export_hf} is a file; name a directory")
     if tc.batch_size % tc.grad_accum:
@@ -469,7 +471,9 @@ def make_optimizer(model, tc):
 def train(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None):
     torch.manual_seed(tc.seed)
     model = mpnext.MPNext(cfg).to(device)
-    if init_state is not None and ckpt is None:  # --init: its encoder; heads it lacks keep their fresh init
+    if init_state is not None and ckpt is None:  # --init: its encoder; heads it lacks (or of another size) start fresh
+        own = model.state_dict()
+        init_state = {k: v for k, v in init_state.items() if k in own and own[k].shape == v.shape}
         missing, _ = model.load_state_dict(init_state, strict=False)
         assert all(k.startswith(("generator.", "disc.", "sbo.", "head_")) for k in missing), missing
     schedule_steps = tc.schedule_steps or tc.max_steps
@@ -643,6 +647,11 @@ def finetune_setup(argv):
                          f"need 0 <= lr < 1 (0 = auto), 0 <= dropout < 1, train-size >= 0 (0 = all) and max-len >= 8")
     if fc.random_init and not fc.init:
         raise ValueError("--random-init takes the model and tokenizer of --init DIR; pass --init too")
+    typed = {a.split("=")[0] for a in argv if a.startswith("--")}
+    if fc.init and typed & {"--preset", "--vocab"}:
+        raise ValueError(f"--init {fc.init} fixes the model and the vocabulary; drop {sorted(typed & {'--preset', '--vocab'})}")
+    if fc.probe and "--pooling" in typed:
+        raise ValueError("--probe always mean-pools the last layer (SentEval); drop --pooling")
     if os.path.exists(os.path.join(fc.out_dir, "ckpt.pt")):
         raise ValueError(f"{fc.out_dir} already holds a fine-tuned model; pick another --out-dir or delete it")
     task = data.load_task(fc.data or None, fc.split_seed, fc.train_size, fc.label_col, fc.text_cols)
@@ -692,7 +701,7 @@ def finetune(argv=None):
     n = {s: len(v) for s, v in rows.items()}
     print(f"{task.name}: {len(task.labels)} classes | train {n['train']} dev {n['dev']} test {n['test']} | "
           f"{'probe' if fc.probe else 'fine-tune'} | {source(fc)} | {device} "
-          f"{str(dtype).split('.')[-1]}", flush=True)
+          f"{'float32' if fc.probe else str(dtype).split('.')[-1]}", flush=True)
 
     def batches(split, order=None):
         order = range(n[split]) if order is None else order
@@ -717,8 +726,8 @@ def finetune(argv=None):
         model.eval()
         feats = {}
         with torch.no_grad():
-            for s in data.SPLITS:
-                feats[s] = torch.cat([mpnext.pool(model.encode(b["input_ids"], b["attention_mask"]).float(),
+            for s in data.SPLITS:  # in fp32 whatever --dtype says: the features are computed once, cheaply
+                feats[s] = torch.cat([mpnext.pool(model.encode(b["input_ids"], b["attention_mask"]),
                                                   b["attention_mask"], "mean").cpu() for b in batches(s)])
         res = mpnext.probe(feats, labels, len(task.labels))
     else:
@@ -820,10 +829,12 @@ def load_run(out_dir, device="cpu"):
 def export_hf(run_dir, out_dir):
     """A run's model and tokenizer as a Hugging Face checkpoint: pipeline("fill-mask", model=out_dir) works, or for a
     fine-tuned run pipeline("text-classification", model=out_dir)."""
+    if os.path.abspath(run_dir) == os.path.abspath(out_dir):
+        raise ValueError(f"export to {out_dir}: that is the run's own directory; name another one")
     model, tok = load_run(run_dir)
-    labels = torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True).get("labels")
+    labels = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True).get("labels")
     model.to_hf(out_dir, labels)
-    tok.to_hf(out_dir)
+    tok.to_hf(out_dir, model.cfg.max_len)
     print(f"wrote {out_dir}: transformers.AutoModelFor{'SequenceClassification' if labels else 'MaskedLM'}"
           f".from_pretrained({out_dir!r}) and AutoTokenizer.from_pretrained({out_dir!r}) load it")
 
@@ -887,18 +898,19 @@ def compare_args(argv):
     args, pretrain = p.parse_known_args(argv)
     names = {f.name: f.type for cls in (TrainConfig, mpnext.MPNextConfig) for f in dataclasses.fields(cls)}
 
-    def flags(spec):  # "objective=mlm rtd=true" -> ({"objective": "mlm", "rtd": "true"}, ["--objective", "mlm", "--rtd"])
-        given, out = {}, []
+    def flags(spec):  # "objective=mlm rtd=true" -> ["--objective", "mlm", "--rtd"]
+        out = []
         for item in spec.split():
             k, _, v = item.partition("=")
-            if k.replace("-", "_") not in names or not v or k in ("out_dir", "out-dir", "seed", "resume"):
+            name = k.replace("-", "_")
+            if name not in names or not v or name in ("out_dir", "seed", "resume"):
                 raise ValueError(f"--cells/--grid: {item!r} is not flag=value of a pre-training flag")
-            given[k] = v
-            if names[k.replace("-", "_")] is bool:
-                out.append(f"--{'' if v.lower() in ('1', 'true', 'yes', 'on') else 'no-'}{k.replace('_', '-')}")
+            flag = "--" + name.replace("_", "-")
+            if names[name] is bool:
+                out.append(flag if v.lower() in ("1", "true", "yes", "on") else "--no-" + flag[2:])
             else:
-                out += [f"--{k.replace('_', '-')}", v]
-        return given, out
+                out += [flag, v]
+        return out
 
     cells = [c.strip() for c in args.cells.split("|")] if args.cells else [""]
     axes = [[f"{k}={v}" for v in vs.split(",")] for k, _, vs in (a.partition("=") for a in args.grid.split())]
@@ -907,12 +919,15 @@ def compare_args(argv):
     if any(x not in ("probe", "low", "full") for x in protocols) or args.seeds < 1:
         raise ValueError(f"--protocols {args.protocols} / --seeds {args.seeds}: protocols are probe, low, full; "
                          f"seeds at least 1")
-    grid = [(spec or "default", flags(spec)[1]) for spec in specs]
+    grid = [(spec or "default", flags(spec)) for spec in specs]
     for _, extra in grid:  # every cell's command line must parse before hours of work start
         parse_args(pretrain + extra)
     tasks = [(t, None if t == "builtin" else t) for t in args.tasks.split(",")]
-    for t, path in tasks:
-        data.load_task(path)  # a bad task fails now, with its one line
+    fp = OneLineParser(prog="train.py compare --finetune")
+    add_fields(fp, FinetuneConfig)
+    fc = dataclasses.replace(FinetuneConfig(), **vars(fp.parse_args(shlex.split(args.finetune))))
+    for t, path in tasks:  # a bad task fails now, with its one line
+        data.load_task(path, fc.split_seed, args.low_size if "low" in protocols else 0, fc.label_col, fc.text_cols)
     return args, pretrain, grid, tasks, protocols
 
 
@@ -922,6 +937,11 @@ def compare(argv=None):
     args, pretrain, grid, tasks, protocols = compare_args(argv)
     csv_path, t0 = os.path.join(args.out_dir, "results.csv"), time.time()
     os.makedirs(os.path.join(args.out_dir, "runs"), exist_ok=True)
+    budget_path = os.path.join(args.out_dir, "pretrain_flags.json")  # a rerun must not mix budgets in one table
+    if os.path.exists(budget_path) and json.load(open(budget_path)) != [pretrain, args.finetune]:
+        raise ValueError(f"{args.out_dir} holds results of other pre-training or --finetune flags "
+                         f"({json.load(open(budget_path))}); use another --out-dir")
+    json.dump([pretrain, args.finetune], open(budget_path, "w"))
     fields = ["cell", "seed", "task", "protocol", "test_acc", "test_f1", "dev_acc", "val_mlm_loss", "pretrain_min",
               "finetune_min"]
     done = {}
@@ -943,6 +963,8 @@ def compare(argv=None):
         if os.path.exists(ft_dir):
             shutil.rmtree(ft_dir)  # an interrupted fine-tuning: start it again
         ft = ["--out-dir", ft_dir, "--seed", str(seed)] + (["--data", path] if path else [])
+        ft += [f"--{k}={pretrain_value(pretrain, k)}" for k in ("device", "dtype")] + ["--compile"] * bool(
+            pretrain_value(pretrain, "compile"))  # fine-tuning runs where and as pre-training does
         # random init: the first cell's architecture and tokenizer, fresh weights: only pre-training differs
         ft += ["--init", run_dir] if extra is not None else ["--init", run_dir_of(cells[0][0], seed), "--random-init"]
         ft += ["--probe"] if protocol == "probe" else (["--train-size", str(args.low_size)] if protocol == "low" else [])
@@ -950,7 +972,7 @@ def compare(argv=None):
         res, status = finetune(ft + shlex.split(args.finetune))
         if status:
             return rows, status
-        row = {"cell": cell, "seed": seed, "task": task, "protocol": protocol, **{k: res[k] for k in fields[4:7]},
+        row = {"cell": cell, "seed": str(seed), "task": task, "protocol": protocol, **{k: res[k] for k in fields[4:7]},
                **pre, "finetune_min": round(res["minutes"], 3)}
         rows.append(row)
         new = not os.path.exists(csv_path)
@@ -983,13 +1005,13 @@ def pretrain_cell(argv):
     """Pre-train a cell to its --max-steps (resuming a stopped run); its val_mlm_loss and minutes from the log."""
     out_dir = argv[argv.index("--out-dir") + 1]
     path = os.path.join(out_dir, "ckpt.pt")
-    step = torch.load(path, weights_only=True)["step"] if os.path.exists(path) else 0
+    step = torch.load(path, map_location="cpu", weights_only=True)["step"] if os.path.exists(path) else 0
     if step < pretrain_value(argv, "max_steps"):
         status = train(*setup(argv + ["--resume"] * bool(step)))[2]
         if status:
             raise SystemExit(status)
     evals = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl")) if '"val_loss"' in line]
-    start = os.path.getmtime(os.path.join(out_dir, "tokenizer.json"))
+    start = os.path.getmtime(os.path.join(out_dir, "train_tokens.npz"))  # written just before training starts
     return {"val_mlm_loss": evals[-1].get("val_mlm_loss", ""),
             "pretrain_min": round((os.path.getmtime(path) - start) / 60, 3)}
 
