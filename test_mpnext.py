@@ -350,7 +350,7 @@ def test_too_long_input_is_a_clear_error():
 
 
 def test_to_hf_refuses_what_hf_cannot_represent(tmp_path):
-    with pytest.raises(ValueError, match="pre_ln"):
+    with pytest.raises(ValueError, match="pre-ln"):
         tiny_model(pre_ln=True).to_hf(tmp_path)
     with pytest.raises(ValueError, match="padding id is 1"):
         tiny_model(pad_id=0, special_ids=(0, 2, 3, 119)).to_hf(tmp_path)
@@ -1772,7 +1772,7 @@ def test_compare_writes_the_table_and_skips_finished_cells(tmp_path, capsys):
     corpus = toy_corpus(tmp_path / "corpus")
     task = toy_task(tmp_path / "t.csv", n=120)
     argv = ["--cells", "objective=mlm | objective=mpnet", "--seeds", "2", "--tasks", task, "--finetune",
-            "--vocab 300 --max-len 32", "--out-dir", str(tmp_path / "cmp"), "--data", corpus, *TINY_ARGS,
+            "--max-len 32", "--out-dir", str(tmp_path / "cmp"), "--data", corpus, *TINY_ARGS,
             "--samples", "0", "--max-steps", "3", "--eval-every", "3", "--warmup-steps", "1"]
     rows, status = train.compare(argv)
     assert status == 0 and len(rows) == 6  # 2 cells + random init, 2 seeds, one task, one protocol
