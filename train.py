@@ -983,7 +983,7 @@ def compare(argv=None):
     table = compare_table(rows, [c for c, _ in cells], tasks, protocols, pretrain, (time.time() - t0) / 60)
     open(os.path.join(args.out_dir, "results.md"), "w").write(table)
     print("\n" + table)
-    compare_plot(args.out_dir, rows, [c for c, _ in cells])
+    compare_plot(args.out_dir, rows, [c for c, _ in cells], [(t, p) for t, _ in tasks for p in protocols])
     return rows, 0
 
 
@@ -1050,27 +1050,34 @@ def compare_table(rows, cells, tasks, protocols, pretrain, minutes):
     return "\n".join(lines) + "\n"
 
 
-def compare_plot(out_dir, rows, cells):
+def compare_plot(out_dir, rows, cells, cols):
     """compare.png (matplotlib only if installed): validation MLM loss over pre-training steps (seed 0 of each
-    cell), and each cell's average test accuracy with its seed spread."""
+    cell), and each cell's test accuracy per task and protocol, with its seed spread."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.4 * len(cells) * len(cols) + 2))
     for cell in cells:
         log = os.path.join(out_dir, "runs", f"{slug(cell)}-s0", "log.jsonl")
         evals = [json.loads(line) for line in open(log) if '"val_mlm_loss"' in line] if os.path.exists(log) else []
         a.plot([e["step"] for e in evals], [e["val_mlm_loss"] for e in evals], label=cell)
     a.set(xlabel="pre-training step", ylabel="val_mlm_loss", title="validation MLM loss (seed 0)")
     a.legend(fontsize=7)
-    scores = [mean_std([100 * float(r["test_acc"]) for r in rows if r["cell"] == c] or [0.0]) for c in cells]
-    b.barh(range(len(cells)), [m for m, _ in scores], xerr=[s for _, s in scores])
-    b.set(yticks=range(len(cells)), yticklabels=cells, xlabel="test accuracy (%), all tasks and seeds")
+    height, lowest = 0.8 / len(cols), 100.0
+    for k, (task, protocol) in enumerate(cols):
+        stats = [mean_std([100 * float(r["test_acc"]) for r in rows if (r["cell"], r["task"], r["protocol"]) ==
+                           (c, task, protocol)] or [math.nan]) for c in cells]
+        lowest = min([lowest] + [m for m, _ in stats if m == m])
+        b.barh([i + k * height for i in range(len(cells))], [m for m, _ in stats], height, xerr=[s for _, s in stats],
+               label=f"{task_name(task)} {protocol}")
+    b.set(yticks=[i + 0.4 - height / 2 for i in range(len(cells))], yticklabels=cells, xlim=(max(0, lowest - 10), 100),
+          xlabel="test accuracy (%), mean +- std over seeds")
+    b.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "compare.png"), dpi=120)
+    fig.savefig(os.path.join(out_dir, "compare.png"), dpi=110)
     plt.close(fig)
 
 
