@@ -1780,6 +1780,11 @@ def test_compare_writes_the_table_and_skips_finished_cells(tmp_path, capsys):
     for cell in ("objective=mlm", "objective=mpnet", "random init"):
         assert f"| {cell} | " in table
     assert "+-" in table and "Budget: 3 steps x 8 x 32 tokens" in table
+    try:
+        import matplotlib  # noqa: F401  (optional: the picture only when it is installed)
+        assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+    except ImportError:
+        assert not (tmp_path / "cmp" / "compare.png").exists()
     capsys.readouterr()
     rows2, _ = train.compare(argv)  # a rerun does nothing but redraw the table
     assert len(rows2) == 6 and "===" not in capsys.readouterr().out
