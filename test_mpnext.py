@@ -1657,8 +1657,12 @@ def test_load_task_rejects_bad_input_with_one_line(tmp_path):
     (s / "test.csv").write_text("text,label\nx,a\ny,c\n")
     with pytest.raises(data.DataError, match=r"test has label\(s\) \['c'\] that never occur in train"):
         data.load_task(str(s))
-    # through the command line: status 2 and the one line
+    # through the command line: status 2 and the one line; every command's --help prints
     assert train.main(["finetune", "--data", str(tmp_path / "nolabel.csv"), "--out-dir", str(tmp_path / "o")]) == 2
+    for command in ("finetune", "compare", "fill", "export"):
+        with pytest.raises(SystemExit) as e:
+            train.main([command, "--help"])
+        assert e.value.code == 0
 
 
 def test_encode_examples_single_and_pair_format_and_truncation():

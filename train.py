@@ -77,7 +77,7 @@ class TrainConfig:
     #                 and tokenizer, a fresh optimizer; any objective and head
     benchmark: bool = False  # instead of training: time the tokenizer and one training step per objective (and HF's)
     export_hf: str = ""  # at the end, also write a Hugging Face checkpoint with its tokenizer to this directory
-    bench_only: str = ""  # --benchmark rows, comma-separated (hf,mlm,plm,mpnet,mlm+rtd,mpnet+rtd,mpnet+span+sbo); "" = all
+    bench_only: str = ""  # --benchmark rows, comma-separated: hf,mlm,plm,mpnet,mlm+rtd,mpnet+rtd,mpnet+span+sbo
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -114,7 +114,8 @@ def add_fields(p, cls, defaults=None):
         if cls is mpnext.MPNextConfig and f.name in NOT_FLAGS:
             continue
         default = (defaults or {}).get(f.name, f.default)
-        flag, help_ = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {default})"
+        help_ = f"{helps.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse formats help with %
+        flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         else:
@@ -443,7 +444,8 @@ def check_run(tc, cfg):
         raise ValueError(f"--rtd-ratio {cfg.rtd_ratio} x --seq-len {tc.seq_len} replaces no token; raise either")
     unknown = set(tc.bench_only.split(",")) - set(BENCH_ROWS) if tc.bench_only else set()
     if unknown:
-        raise ValueError(f"--bench-only {tc.bench_only}: unknown row(s) {sorted(unknown)}; pick from {','.join(BENCH_ROWS)}")
+        raise ValueError(f"--bench-only {tc.bench_only}: unknown row(s) {sorted(unknown)}; pick from "
+                         f"{','.join(BENCH_ROWS)}")
     if tc.export_hf:
         mpnext.check_hf_exportable(cfg)
         if os.path.abspath(tc.export_hf) == os.path.abspath(tc.out_dir):
@@ -649,7 +651,8 @@ def finetune_setup(argv):
         raise ValueError("--random-init takes the model and tokenizer of --init DIR; pass --init too")
     typed = {a.split("=")[0] for a in argv if a.startswith("--")}
     if fc.init and typed & {"--preset", "--vocab"}:
-        raise ValueError(f"--init {fc.init} fixes the model and the vocabulary; drop {sorted(typed & {'--preset', '--vocab'})}")
+        raise ValueError(f"--init {fc.init} fixes the model and the vocabulary; drop "
+                         f"{sorted(typed & {'--preset', '--vocab'})}")
     if fc.probe and "--pooling" in typed:
         raise ValueError("--probe always mean-pools the last layer (SentEval); drop --pooling")
     if os.path.exists(os.path.join(fc.out_dir, "ckpt.pt")):
@@ -840,7 +843,7 @@ def export_hf(run_dir, out_dir):
 
 
 def export(argv=None):
-    p = OneLineParser(prog="train.py export", description="Write a run as a Hugging Face checkpoint with its tokenizer.")
+    p = OneLineParser(prog="train.py export", description="Write a run as an HF checkpoint with its tokenizer.")
     p.add_argument("--init", required=True, help="a run's --out-dir")
     p.add_argument("out", help="the directory to write")
     args = p.parse_args(argv)
@@ -885,8 +888,8 @@ def compare_args(argv):
                       "probe / fine-tune each on a list of tasks over several seeds. Other flags go to pre-training.")
     p.add_argument("--cells", default="", help='recipes separated by "|", each "flag=value ..." (e.g. "objective=mlm |'
                    ' objective=mpnet rtd=true")')
-    p.add_argument("--grid", default="", help='axes crossed with every cell, e.g. "activation=gelu,mish optimizer=adamw,'
-                   'ranger21"')
+    p.add_argument("--grid", default="", help='axes crossed with every cell, e.g. "activation=gelu,mish '
+                   'optimizer=adamw,ranger21"')
     p.add_argument("--seeds", type=int, default=3, help="seeds per cell (pre-training and fine-tuning)")
     p.add_argument("--tasks", default="builtin", help='comma-separated task paths; "builtin" = the stdlib task')
     p.add_argument("--protocols", default="probe", help="comma-separated: probe, low (fine-tune on --low-size "
@@ -967,7 +970,7 @@ def compare(argv=None):
             pretrain_value(pretrain, "compile"))  # fine-tuning runs where and as pre-training does
         # random init: the first cell's architecture and tokenizer, fresh weights: only pre-training differs
         ft += ["--init", run_dir] if extra is not None else ["--init", run_dir_of(cells[0][0], seed), "--random-init"]
-        ft += ["--probe"] if protocol == "probe" else (["--train-size", str(args.low_size)] if protocol == "low" else [])
+        ft += {"probe": ["--probe"], "low": ["--train-size", str(args.low_size)], "full": []}[protocol]
         print(f"\n=== {cell} | seed {seed} | {task} | {protocol}", flush=True)
         res, status = finetune(ft + shlex.split(args.finetune))
         if status:
