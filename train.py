@@ -406,12 +406,8 @@ def load_init(path):
     """--init: (config, weights, tokenizer) of an MPNext run directory, or of a Hugging Face MPNet checkpoint
     (a directory or a hub name) with its own tokenizer."""
     if os.path.exists(os.path.join(path, "ckpt.pt")):
-        try:
-            ckpt = torch.load(os.path.join(path, "ckpt.pt"), map_location="cpu", weights_only=True)
-            cfg, state = config_of(ckpt), ckpt["model"]
-        except Exception as e:
-            raise ValueError(f"--init {path}: ckpt.pt is not an MPNext checkpoint ({type(e).__name__})") from None
-        return dataclasses.replace(cfg, n_classes=0), state, data.load_tokenizer(path)
+        ckpt, cfg = read_run(path)
+        return dataclasses.replace(cfg, n_classes=0), ckpt["model"], data.load_tokenizer(path)
     tok = data.HFTokenizer(path)
     try:
         model = mpnext.MPNext.from_hf(path, mask_id=tok.mask_id)
@@ -813,19 +809,26 @@ def config_of(ckpt):
     return mpnext.MPNextConfig(**model_config)
 
 
+def read_run(run_dir):
+    """(checkpoint dict on the CPU, loaded with weights_only, and its MPNextConfig) of a run directory, or one
+    ValueError."""
+    path = os.path.join(run_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise ValueError(f"{run_dir}: no ckpt.pt there; pass the --out-dir of a pre-training or fine-tuning run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return ckpt, config_of(ckpt)
+    except Exception as e:
+        raise ValueError(f"{path}: not an MPNext checkpoint ({type(e).__name__})") from None
+
+
 def load_run(out_dir, device="cpu"):
     """(model in eval mode, tokenizer) of a pre-training or fine-tuning --out-dir: the one call that uses a run.
         model, tok = train.load_run("out")
         logits = model(torch.tensor([[tok.bos_id] + tok.encode("the <mask> sat", specials=True) + [tok.eos_id]]))"""
-    path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        raise ValueError(f"{out_dir}: no ckpt.pt there; pass the --out-dir of a pre-training or fine-tuning run")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = mpnext.MPNext(config_of(ckpt))
-        model.load_state_dict(ckpt["model"])
-    except Exception as e:
-        raise ValueError(f"{path}: not an MPNext checkpoint ({type(e).__name__})") from None
+    ckpt, cfg = read_run(out_dir)
+    model = mpnext.MPNext(cfg)
+    model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), data.load_tokenizer(out_dir)
 
 
@@ -835,7 +838,7 @@ def export_hf(run_dir, out_dir):
     if os.path.abspath(run_dir) == os.path.abspath(out_dir):
         raise ValueError(f"export to {out_dir}: that is the run's own directory; name another one")
     model, tok = load_run(run_dir)
-    labels = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True).get("labels")
+    labels = read_run(run_dir)[0].get("labels")
     model.to_hf(out_dir, labels)
     tok.to_hf(out_dir, model.cfg.max_len)
     print(f"wrote {out_dir}: transformers.AutoModelFor{'SequenceClassification' if labels else 'MaskedLM'}"
@@ -1008,7 +1011,7 @@ def pretrain_cell(argv):
     """Pre-train a cell to its --max-steps (resuming a stopped run); its val_mlm_loss and minutes from the log."""
     out_dir = argv[argv.index("--out-dir") + 1]
     path = os.path.join(out_dir, "ckpt.pt")
-    step = torch.load(path, map_location="cpu", weights_only=True)["step"] if os.path.exists(path) else 0
+    step = read_run(out_dir)[0]["step"] if os.path.exists(path) else 0
     if step < pretrain_value(argv, "max_steps"):
         status = train(*setup(argv + ["--resume"] * bool(step)))[2]
         if status:
