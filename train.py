@@ -958,7 +958,8 @@ def compare(argv=None):
 
     def run_dir_of(cell, seed):
         return os.path.join(args.out_dir, "runs", f"{slug(cell)}-s{seed}")
-    for (cell, extra), seed, (task, path), protocol in itertools.product(cells, range(args.seeds), tasks, protocols):
+    # seeds outermost: an interrupted lab holds every cell at the same number of seeds
+    for seed, (cell, extra), (task, path), protocol in itertools.product(range(args.seeds), cells, tasks, protocols):
         if (cell, str(seed), task, protocol) in done:
             continue
         run_dir = run_dir_of(cell, seed)
