@@ -535,6 +535,7 @@ class Task:
     name: str
     labels: list  # label names; a label id indexes this list
     splits: dict  # "train" | "dev" | "test" -> (texts: list of 1- or 2-tuples of str, label ids: list of int)
+    pooled: bool = False  # the splits were drawn from one pool by seed (not given as train/dev/test files)
 
 
 def stdlib_task(cache_dir=None, n_classes=8):
@@ -664,7 +665,8 @@ def load_task(path: str | None, seed=0, train_size=0, label_col="label", text_co
         named = {s: _read_examples(f, label_col, text_cols) for s, f in parts.items()} or {
             "all": _read_examples(p, label_col, text_cols)}
     named = {s: _dedup(*v, f"{path or name} ({s})") for s, v in named.items()}
-    if "all" in named:  # one pool: a seeded stratified split
+    pooled = "all" in named
+    if pooled:  # one pool: a seeded stratified split
         texts, labels = named.pop("all")
         idx = dict(zip(("train", "dev", "test"), _stratified(labels, [0.8, 0.1, 0.1], rng)))
         named = {s: ([texts[i] for i in ix], [labels[i] for i in ix]) for s, ix in idx.items()}
@@ -699,7 +701,7 @@ def load_task(path: str | None, seed=0, train_size=0, label_col="label", text_co
         if not named[s][0]:
             raise DataError(f"{path or name}: the {s} split is empty (too few examples per class); add examples")
     ids = {y: i for i, y in enumerate(label_names)}
-    return Task(name, label_names, {s: (named[s][0], [ids[y] for y in named[s][1]]) for s in SPLITS})
+    return Task(name, label_names, {s: (named[s][0], [ids[y] for y in named[s][1]]) for s in SPLITS}, pooled)
 
 
 def encode_examples(texts, tok, max_len):

@@ -1023,7 +1023,7 @@ PROBE_L2 = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # SentEval's grid of L2 strengths, pi
 def probe(features, labels, n_classes, grid=PROBE_L2):
     """features/labels: dicts over "train", "dev", "test" of (n, d) float and (n,) long tensors. Standardises with the
     training statistics, fits one classifier per L2 strength, keeps the best on dev (ties: the stronger penalty).
-    Returns {"dev_acc", "test_acc", "test_f1", "l2"}."""
+    Returns {"dev_acc", "test_acc", "test_f1", "l2", "pred": the test predictions}."""
     mu, sd = features["train"].mean(0), features["train"].std(0).clamp(min=1e-6)
     x = {k: ((v - mu) / sd).double() for k, v in features.items()}
     best = None
@@ -1037,7 +1037,27 @@ def probe(features, labels, n_classes, grid=PROBE_L2):
     with torch.no_grad():
         pred = lin(x["test"]).argmax(-1)
     return {"dev_acc": dev_acc, "test_acc": (pred == labels["test"]).double().mean().item(),
-            "test_f1": macro_f1(pred, labels["test"], n_classes), "l2": l2}
+            "test_f1": macro_f1(pred, labels["test"], n_classes), "l2": l2, "pred": pred}
+
+
+def probe_cv(x, y, n_classes, folds=10, seed=0):
+    """SentEval's protocol for tasks without a fixed split, such as MR and SUBJ: K-fold cross-validation (Sec. 4 of
+    arXiv 1803.05449). Fold k is the test set once, fold k+1 picks the L2 strength, the other K-2 folds train; the
+    scores pool every example's prediction. SentEval picks L2 by an inner cross-validation instead: one held-out
+    fold is K times cheaper. Folds are stratified: each class's examples, shuffled, are dealt round the folds."""
+    g, fold = torch.Generator().manual_seed(seed), torch.empty_like(y)
+    for c in range(n_classes):
+        idx = (y == c).nonzero().squeeze(1)
+        fold[idx[torch.randperm(len(idx), generator=g)]] = torch.arange(len(idx)) % folds
+    pred, dev_acc = torch.empty_like(y), []
+    for k in range(folds):
+        part = {"test": fold == k, "dev": fold == (k + 1) % folds}
+        part["train"] = ~(part["test"] | part["dev"])
+        res = probe({s: x[m] for s, m in part.items()}, {s: y[m] for s, m in part.items()}, n_classes)
+        pred[part["test"]] = res["pred"]
+        dev_acc.append(res["dev_acc"])
+    return {"dev_acc": sum(dev_acc) / folds, "test_acc": (pred == y).double().mean().item(),
+            "test_f1": macro_f1(pred, y, n_classes), "pred": pred, "fold": fold}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1058,6 +1058,51 @@ def test_ctrl_c_saves_a_checkpoint_and_resuming_is_exact(tmp_path):
     assert a["step"] == b["step"] == k + 5
     assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
 
+def torchrun(tmp_path, n_proc, *args):
+    """train.py under torchrun on CPU (Gloo): n_proc processes on this machine."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n_proc}",
+           os.path.join(HERE, "train.py"), *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="this torch build has no Gloo")
+@pytest.mark.parametrize("recipe, accum", [([], 1), (["--objective", "mlm", "--rtd"], 2)])
+def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(tmp_path, capsys, recipe, accum):
+    """2 processes x --grad-accum A draw the batches of 1 process x --grad-accum 2A (stream s = rank * A + a), so the
+    loss curves agree up to float summation order; only rank 0 logs and saves; a 2-process run resumes with 2
+    processes; ELECTRA (parameters outside the loss) works with gradient accumulation."""
+    common = ["--data", toy_corpus(tmp_path / "corpus"), *TINY_ARGS, "--dtype", "float32", "--schedule-steps", "10",
+              "--eval-every", "6", "--samples", "0", *recipe]
+    assert train.main([*common, "--out-dir", str(tmp_path / "one"), "--max-steps", "10",
+                       "--grad-accum", str(2 * accum)]) == 0
+    two = ["--out-dir", str(tmp_path / "two"), "--grad-accum", str(accum)]
+    out = torchrun(tmp_path, 2, *common, *two, "--max-steps", "6")
+    assert out.count("MPNext ") == 1 and "stopped" not in out  # one voice: rank 0's
+    assert [r["step"] for r in read_log(tmp_path / "two") if "val_loss" not in r] == list(range(1, 7))
+    assert "holds step" not in torchrun(tmp_path, 2, *common, *two, "--max-steps", "10", "--resume")
+    one, two = ([r["loss"] for r in read_log(tmp_path / d) if "val_loss" not in r] for d in ("one", "two"))
+    assert len(one) == len(two) == 10 and max(abs(a - b) for a, b in zip(one, two)) < 1e-4, (one, two)
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "two"))
+    assert a["step"] == b["step"] == 10 and len(b["rng"]["batches"]) == 2 * accum
+    assert all(torch.allclose(a["model"][n], b["model"][n], atol=1e-4) for n in a["model"])
+    # the same streams in one process: a 2-process checkpoint resumes there with --grad-accum 2A, and nowhere else
+    more = [*common, "--out-dir", str(tmp_path / "two"), "--max-steps", "11", "--schedule-steps", "11", "--resume"]
+    assert train.main(more) == 2 and "batch stream" in capsys.readouterr().err
+    assert train.main([*more, "--grad-accum", str(2 * accum)]) == 0
+
+
+def test_commands_that_run_in_one_process_refuse_torchrun(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for argv in (["finetune"], ["compare", "--cells", "objective=mlm"], ["--benchmark"]):
+        assert train.main([*argv, "--out-dir", str(tmp_path / "x")]) == 2
+        assert "not torchrun" in capsys.readouterr().err
+
+
 def nan_losses_at(monkeypatch, bad_calls):
     """Make the training loss NaN on the given training calls (1-based); evaluation is left alone."""
     real, calls = MPNext.loss, [0]
@@ -1728,6 +1773,19 @@ def test_logistic_regression_meets_its_optimality_condition_and_probe_separates(
     labels = {s: y[i::3] for i, s in enumerate(data.SPLITS)}
     res = mpnext.probe(feats, labels, 3)
     assert res["test_acc"] > 0.85 and res["l2"] in mpnext.PROBE_L2
+    # K-fold: every example is scored once, by a classifier that never saw it; the folds are stratified and seeded
+    folds = mpnext.probe_cv(x, y, 3, folds=5, seed=1)
+    assert folds["test_acc"] > 0.85 and folds["pred"].shape == y.shape
+    assert torch.equal(folds["pred"], mpnext.probe_cv(x, y, 3, folds=5, seed=1)["pred"])
+    for c in range(3):  # stratified: each class spread evenly over the folds
+        per_fold = torch.bincount(folds["fold"][y == c], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 1
+    moved = x.clone()
+    moved[0] *= 1e3  # the classifier that scores example 0's fold never saw it: the rest of that fold scores the same
+    same = folds["fold"] == folds["fold"][0]
+    same[0] = False
+    changed = mpnext.probe_cv(moved, y, 3, folds=5, seed=1)
+    assert torch.equal(changed["pred"][same], folds["pred"][same]) and not torch.equal(changed["pred"], folds["pred"])
     # macro-F1 by hand: class 0 F1 = 2/3, class 1 F1 = 2/3, class 2 F1 = 1
     assert abs(mpnext.macro_f1(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 0, 1, 2]), 3) - (2 / 3 + 2 / 3 + 1) / 3) < 1e-12
 
@@ -1751,7 +1809,9 @@ def test_finetune_and_probe_learn_a_separable_task(tmp_path, capsys):
     assert res["test_acc"] >= 0.8, res
     # the frozen probe of a random encoder: mean-pooled embeddings already carry the cue word
     res, _ = train.finetune(["--data", task, "--out-dir", str(tmp_path / "pr"), "--probe", *FT_ARGS])
-    assert res["test_acc"] >= 0.9 and res["protocol"] == "probe"
+    assert res["test_acc"] >= 0.9 and res["protocol"] == "probe, 10-fold CV"  # one pool: SentEval's CV
+    res, _ = train.finetune(["--data", task, "--out-dir", str(tmp_path / "pr0"), "--probe", "--folds", "0", *FT_ARGS])
+    assert res["test_acc"] >= 0.9 and res["protocol"] == "probe"  # the seeded train/dev/test split
     # a run directory is never overwritten
     assert train.main(["finetune", "--data", task, "--out-dir", str(tmp_path / "ft"), *FT_ARGS]) == 2
 

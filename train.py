@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
@@ -209,7 +210,7 @@ class GracefulStop:
     a second one stops at once. Only in the main thread, where Python delivers signals."""
 
     def __init__(self):
-        self.signum = None
+        self.signum, self.t = None, 0.0
 
     def __enter__(self):
         main = threading.current_thread() is threading.main_thread()
@@ -217,9 +218,11 @@ class GracefulStop:
         return self
 
     def request(self, signum, frame):
+        if self.signum is not None and torchrun() and time.time() - self.t < 2:
+            return  # one Ctrl-C reaches a torchrun worker twice: from the terminal, and forwarded by torchrun
         if self.signum is not None:
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self.t = signum, time.time()
         tqdm.write(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
                    f"(press Ctrl-C again to stop at once, without saving)")
 
@@ -227,6 +230,65 @@ class GracefulStop:
         for s, handler in self.previous.items():
             if handler is not None:  # None: a handler installed outside Python, which cannot be restored from here
                 signal.signal(s, handler)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# several processes: torchrun --nproc-per-node N train.py ... (PyTorch's DistributedDataParallel, arXiv 2006.15704)
+#
+# --batch-size stays the global batch: each optimizer step averages processes x --grad-accum micro-batches, and
+# micro-batch slot s (process r, accumulation a: s = r * grad_accum + a) draws from its own generator stream s. So a
+# 2-process run and a 1-process run with --grad-accum 2 train on the same batches; stream 0 is the 1-process stream.
+
+
+def world():
+    """(rank, number of processes): torchrun sets RANK and WORLD_SIZE; (0, 1) without it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def torchrun():
+    return "WORLD_SIZE" in os.environ  # even with one process: the same code path, on one GPU or one CPU
+
+
+def launcher():
+    """How this run was started, for the resume hint."""
+    return f"torchrun --nproc-per-node {os.environ['LOCAL_WORLD_SIZE']}" if torchrun() else "python"
+
+
+def stream_seed(seed, slot):
+    return seed + slot * 2**32  # slot 0 keeps the plain seed: one process draws what it always drew
+
+
+def start_processes():
+    """Join torchrun's process group: Gloo for CPU tensors, NCCL for CUDA ones; one GPU per process."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    if world()[0] > 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for the run; errors (stderr) still show from every rank
+
+
+class LossOf(torch.nn.Module):
+    """DistributedDataParallel averages the gradients of what its forward() computes: here, model.loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.loss(batch)
+
+
+def rng_states(gens, device):
+    """Every batch stream and dropout RNG state of every process, for an exact resume (a collective under torchrun:
+    every process calls it at the same steps)."""
+    mine = {"batches": [g.get_state() for g in gens], "torch": [torch.get_rng_state()]}
+    if device == "cuda":
+        mine["cuda"] = [torch.cuda.get_rng_state()]
+    if not dist.is_initialized():
+        return mine
+    everyone = [None] * world()[1]
+    dist.all_gather_object(everyone, mine)
+    return {k: [s for r in everyone for s in r[k]] for k in mine}
 
 
 def save_atomic(obj, path):
@@ -357,6 +419,12 @@ def setup(argv=None):
         if tc.preset != ckpt["train_config"]["preset"]:  # (tc holds the typed flags already)
             raise ValueError(f"--resume keeps the checkpoint's model (preset {ckpt['train_config']['preset']}); "
                              f"drop --preset or use another --out-dir")
+        n_streams = ckpt["rng"]["batches"]
+        n_streams = len(n_streams) if isinstance(n_streams, list) else 1  # (a tensor: a checkpoint from before torchrun)
+        if n_streams != world()[1] * tc.grad_accum:
+            raise ValueError(f"--resume: {ckpt_path} was written by {n_streams} batch stream(s) (processes x "
+                             f"--grad-accum), this run has {world()[1]} x {tc.grad_accum}; resume with {n_streams} in all "
+                             f"(in one process: --grad-accum {n_streams}, which draws the same batches)")
         if tc.max_steps <= ckpt["step"]:
             raise ValueError(f"--resume: {ckpt_path} is at step {ckpt['step']} already; pass a larger --max-steps")
         changed = sorted(k for k, v in model_args.items() if getattr(cfg, k) != v)
@@ -382,17 +450,23 @@ def setup(argv=None):
     except OSError as e:
         raise ValueError(f"--out-dir {out_dir}: cannot create it ({e.strerror}); pick a writable directory") from None
     device = pick_device(tc.device)
+    if torchrun() and device == "mps":
+        raise ValueError("torchrun: --device mps cannot join a process group; use cpu or cuda")
     docs = data.load_documents(tc.data or None)
     train_docs, val_docs = data.split_documents(docs, seed=tc.seed)
     if tok is None:
-        print(f"training a {tc.vocab}-token BPE on {sum(map(len, train_docs)) / 1e6:.1f} MB ...", flush=True)
-        tok = data.Tokenizer.train(train_docs, vocab_size=tc.vocab)
+        if world()[0] > 0:  # torchrun: rank 0 trained it and wrote it (and the token caches) before we got here
+            tok = data.load_tokenizer(out_dir)
+        else:
+            print(f"training a {tc.vocab}-token BPE on {sum(map(len, train_docs)) / 1e6:.1f} MB ...", flush=True)
+            tok = data.Tokenizer.train(train_docs, vocab_size=tc.vocab)
         cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size, pad_id=tok.pad_id, mask_id=tok.mask_id,
                                   special_ids=tok.special_ids)
-    tok.save(out_dir)
+    if world()[0] == 0:
+        tok.save(out_dir)
     streams = [data.encode_documents(d, tok, os.path.join(out_dir, f"{name}_tokens.npz"))
                for name, d in (("train", train_docs), ("val", val_docs))]
-    train_b = data.Batches(streams[0], tok, tc.seq_len, tc.batch_size // tc.grad_accum, "train")
+    train_b = data.Batches(streams[0], tok, tc.seq_len, tc.batch_size // (tc.grad_accum * world()[1]), "train")
     val_b = data.Batches(streams[1], tok, tc.seq_len, tc.batch_size, "validation")
     make_optimizer(mpnext.MPNext(cfg), tc)  # config errors (unknown activation, optimizer, ...) surface here
     return tc, cfg, tok, device, train_b, val_b, ckpt, init_state
@@ -448,8 +522,9 @@ def check_run(tc, cfg):
             raise ValueError(f"--export-hf {tc.export_hf} is the run's own --out-dir; name another directory")
         if os.path.isfile(tc.export_hf):
             raise ValueError(f"--export-hf {tc.export_hf} is a file; name a directory")
-    if tc.batch_size % tc.grad_accum:
-        raise ValueError(f"--batch-size {tc.batch_size} must be a multiple of --grad-accum {tc.grad_accum}")
+    if tc.batch_size % (tc.grad_accum * world()[1]):
+        raise ValueError(f"--batch-size {tc.batch_size} must be a multiple of --grad-accum {tc.grad_accum}"
+                         + f" x {world()[1]} processes" * (world()[1] > 1))
     if tc.schedule_steps and tc.max_steps > tc.schedule_steps and tc.min_lr_ratio == 0 and tc.optimizer != "ranger21":
         raise ValueError(f"--max-steps {tc.max_steps} runs past --schedule-steps {tc.schedule_steps}, where the "
                          f"learning rate is 0; raise --schedule-steps (or set --min-lr-ratio)")
@@ -479,7 +554,10 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None):
     dtype = pick_dtype(tc.dtype, device)
     autocast = autocast_for(device, dtype)
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
-    gen = torch.Generator().manual_seed(tc.seed)  # every batch and mask draw comes from here
+    rank, n_proc = world()
+    slots = range(rank * tc.grad_accum, (rank + 1) * tc.grad_accum)  # this process's micro-batch slots
+    gens = [torch.Generator().manual_seed(stream_seed(tc.seed, s)) for s in slots]  # every batch and mask draw
+    torch.manual_seed(stream_seed(tc.seed, rank))  # dropout: the same weights everywhere, other masks per process
     step, best = 0, math.inf
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -487,29 +565,35 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None):
         if ckpt["scaler"]:  # empty when the run that saved it had no fp16 scaler
             scaler.load_state_dict(ckpt["scaler"])
         step, best = ckpt["step"], ckpt["best_val"]
-        gen.set_state(ckpt["rng"]["batches"])
-        torch.set_rng_state(ckpt["rng"]["torch"])  # dropout
-        if device == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    loss_fn = torch.compile(model.loss) if tc.compile else model.loss
+        rng = {k: v if isinstance(v, list) else [v] for k, v in ckpt["rng"].items()}  # (tensors: before torchrun)
+        for s, g in zip(slots, gens):
+            g.set_state(rng["batches"][s])
+        torch.set_rng_state(rng["torch"][rank])  # dropout
+        if device == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"][rank])
+    net = model.loss
+    if torchrun():  # ELECTRA's discriminator leaves its LM head out of the loss: DDP must look for unused parameters
+        net = ddp = torch.nn.parallel.DistributedDataParallel(
+            LossOf(model), device_ids=[torch.cuda.current_device()] if device == "cuda" else None,
+            find_unused_parameters=is_electra(cfg))
+    loss_fn = torch.compile(net) if tc.compile else net
     log_path, kept = os.path.join(tc.out_dir, "log.jsonl"), []
     if ckpt is not None and os.path.exists(log_path):  # resume: keep the rows up to the checkpoint, drop the rest
         kept = [line for line in open(log_path) if _log_step(line) <= step]
-    log = open(log_path, "w")
+    log = open(log_path if rank == 0 else os.devnull, "w")  # only rank 0 logs, evaluates and saves
     log.writelines(kept)
     n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("generator.", "disc.", "sbo.")))
     extra = f" (+{(model.num_params() - n_params) / 1e6:.2f}M generator/heads)" if n_params < model.num_params() else ""
     print(f"MPNext {recipe(cfg)} | {n_params / 1e6:.2f}M params{extra} | {device} {str(dtype).split('.')[-1]} | "
           f"{len(train_b.stream) / 1e6:.2f}M train tokens | steps {step}->{tc.max_steps}", flush=True)
 
-    def checkpoint():
+    def checkpoint(rng):
         """Save everything for an exact resume; never weights that are not finite (the last good file stays)."""
+        if rank > 0:
+            return True
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             tqdm.write(f"step {step}: the weights are not finite; {tc.out_dir}/ckpt.pt is not overwritten")
             return False
-        rng = {"batches": gen.get_state(), "torch": torch.get_rng_state()}
-        if device == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "model_config": dataclasses.asdict(cfg), "train_config": dataclasses.asdict(tc), "step": step,
                      "best_val": best, "rng": rng}, os.path.join(tc.out_dir, "ckpt.pt"))
@@ -517,23 +601,30 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None):
 
     t0, tokens, t_last, tok_last = time.time(), 0, time.time(), 0
     metrics, ev, bad_steps, overflows = {}, {}, 0, 0
-    bar = tqdm(total=tc.max_steps, initial=step, dynamic_ncols=True, disable=None)
+    bar = tqdm(total=tc.max_steps, initial=step, dynamic_ncols=True, disable=None if rank == 0 else True)
     model.train()
+    stopping = False
     with GracefulStop() as stop:  # Ctrl-C: finish the step, then save below
-        while step < tc.max_steps and stop.signum is None:
+        while step < tc.max_steps and not stopping:
             mult = 1.0 if tc.optimizer == "ranger21" else mpnext.lr_multiplier(  # Ranger21 runs its own warmup/warmdown
                 step, tc.warmup_steps, schedule_steps, tc.decay, tc.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = tc.lr * mult
             step_loss, grad_norm = 0.0, None
-            for _ in range(tc.grad_accum):
+            for a, gen in enumerate(gens):
                 ids, starts = train_b.sample(gen)
                 batch = mpnext.make_batch(ids, cfg, gen, starts)
-                with autocast:
+                # torchrun: average the gradients over processes once, after the last micro-batch
+                with ddp.no_sync() if torchrun() and a < len(gens) - 1 else contextlib.nullcontext(), autocast:
                     loss, metrics = loss_fn(to_device(batch, device))
                 scaler.scale(loss / tc.grad_accum).backward()
-                step_loss += loss.detach()
-                tokens += ids.numel()
+                step_loss += loss.detach() / tc.grad_accum
+                tokens += ids.numel() * n_proc
+            stopping = stop.signum is not None
+            if torchrun():  # every process must skip, log and stop at the same steps: agree on the loss and on stopping
+                agreed = torch.stack([step_loss.float(), torch.tensor(float(stopping), device=step_loss.device)])
+                dist.all_reduce(agreed)
+                step_loss, stopping = agreed[0] / n_proc, bool(agreed[1] > 0)
             scaler.unscale_(optimizer)  # true gradients for clipping and the scaler's inf check (no-op without fp16)
             # the norm is needed for the finiteness check even without clipping (max_norm inf: scales by exactly 1)
             max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
@@ -560,17 +651,20 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None):
                 now = time.time()
                 tok_s = (tokens - tok_last) / max(now - t_last, 1e-9)
                 t_last, tok_last = now, tokens
-                row = {"step": step, **{k: v.item() for k, v in metrics.items()}, "lr": lr_now(optimizer, step),
-                       "tok_s": round(tok_s)}
+                row = {"step": step, **{k: v.item() for k, v in metrics.items()}, "loss": step_loss.item(),
+                       "lr": lr_now(optimizer, step), "tok_s": round(tok_s)}  # torchrun: metrics are rank 0's
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 heads = {k: f"{row[k]:.2f}" for k in ("gen_acc", "disc_auc", "disc_recall", "sbo_loss") if k in row}
                 bar.set_postfix(loss=f"{row['loss']:.3f}", **heads, lr=f"{row['lr']:.2e}", tok_s=f"{tok_s / 1e3:.1f}k")
             if step % tc.eval_every == 0 or step == tc.max_steps:
+                rng = rng_states(gens, device)  # every process takes part; then rank 0 evaluates and saves
+                if rank > 0:
+                    continue
                 with slow_weights(optimizer):  # Lookahead: evaluate the slow weights phi (the fast ones come back)
                     ev = evaluate(model, val_b, cfg, tc, device, autocast)
                 best = min(best, ev["val_loss"])
-                log.write(json.dumps({"step": step, "loss": metrics["loss"].item(), **ev}) + "\n")
+                log.write(json.dumps({"step": step, "loss": step_loss.item(), **ev}) + "\n")
                 log.flush()
                 tqdm.write(f"step {step}: {score_line(ev)}")
                 if not math.isfinite(ev["val_loss"]):  # a poisoned model never overwrites the last good checkpoint
@@ -578,9 +672,9 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None):
                     continue
                 if tc.samples:
                     tqdm.write(fill_in_samples(model, tok, val_b, cfg, device, tc.samples))
-                checkpoint()
+                checkpoint(rng)
             elif tc.save_every and step % tc.save_every == 0 and bad_steps == 0:  # never right after a NaN
-                checkpoint()
+                checkpoint(rng_states(gens, device))
     bar.close()
     log.close()
     if bad_steps >= MAX_BAD_STEPS:
@@ -588,12 +682,12 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None):
               f"the last good checkpoint, {tc.out_dir}/ckpt.pt, is untouched. Lower --lr, or try --dtype float32",
               file=sys.stderr)
         return model, ev, 1
-    if stop.signum is not None and step < tc.max_steps:
-        saved = bad_steps == 0 and checkpoint()
+    if stopping and step < tc.max_steps:
+        saved = bad_steps == 0 and checkpoint(rng_states(gens, device))
         print(f"stopped at step {step} of {tc.max_steps}; {tc.out_dir}/ckpt.pt holds step "
               f"{step if saved else 'of the last good checkpoint'}. Continue with:\n"
-              f"  python train.py --out-dir {tc.out_dir} --resume", flush=True)
-        return model, ev, 128 + stop.signum  # the shell's status for a process ended by that signal
+              f"  {launcher()} train.py --out-dir {tc.out_dir} --resume", flush=True)
+        return model, ev, 128 + (stop.signum or signal.SIGTERM)  # the shell's status for a process ended by it
     minutes = (time.time() - t0) / 60
     if ev:
         print(f"summary | {recipe(cfg)} | params {n_params / 1e6:.2f}M | {device} | {minutes:.1f} min | "
@@ -616,6 +710,7 @@ class FinetuneConfig:
     train_size: int = 0  # keep this many training examples (stratified), for low-resource runs; 0 = all
     split_seed: int = 0  # seeds the train/dev/test split of a single file (fixed across --seed on purpose)
     probe: bool = False  # frozen encoder, mean-pooled features, logistic regression picked on dev (SentEval)
+    folds: int = 10  # --probe on a task given as one pool (MR, SUBJ): K-fold cross-validation, as SentEval; 0 = split
     pooling: str = "first"  # classifier input: the <s> row (MPNet) or the mean over tokens
     epochs: int = 10  # at most this many passes over the training set
     patience: int = 3  # early stopping: epochs without a better validation accuracy
@@ -649,6 +744,8 @@ def finetune_setup(argv):
     if fc.init and typed & {"--preset", "--vocab"}:
         raise ValueError(f"--init {fc.init} fixes the model and the vocabulary; drop "
                          f"{sorted(typed & {'--preset', '--vocab'})}")
+    if fc.folds and not 3 <= fc.folds <= 100:
+        raise ValueError(f"--folds {fc.folds}: use 0 (the train/dev/test split) or 3 to 100 folds")
     if fc.probe and "--pooling" in typed:
         raise ValueError("--probe always mean-pools the last layer (SentEval); drop --pooling")
     if os.path.exists(os.path.join(fc.out_dir, "ckpt.pt")):
@@ -698,9 +795,10 @@ def finetune(argv=None):
     rows = {s: data.encode_examples(t, tok, fc.max_len) for s, (t, _) in task.splits.items()}
     labels = {s: torch.tensor(y) for s, (_, y) in task.splits.items()}
     n = {s: len(v) for s, v in rows.items()}
+    folds = fc.folds if fc.probe and task.pooled and not fc.train_size else 0  # a given split is kept as given
+    protocol = f"probe, {folds}-fold CV" if folds else "probe" if fc.probe else "finetune"
     print(f"{task.name}: {len(task.labels)} classes | train {n['train']} dev {n['dev']} test {n['test']} | "
-          f"{'probe' if fc.probe else 'fine-tune'} | {source(fc)} | {device} "
-          f"{'float32' if fc.probe else str(dtype).split('.')[-1]}", flush=True)
+          f"{protocol} | {source(fc)} | {device} {'float32' if fc.probe else str(dtype).split('.')[-1]}", flush=True)
 
     def batches(split, order=None):
         order = range(n[split]) if order is None else order
@@ -728,10 +826,15 @@ def finetune(argv=None):
             for s in data.SPLITS:  # in fp32 whatever --dtype says: the features are computed once, cheaply
                 feats[s] = torch.cat([mpnext.pool(model.encode(b["input_ids"], b["attention_mask"]),
                                                   b["attention_mask"], "mean").cpu() for b in batches(s)])
-        res = mpnext.probe(feats, labels, len(task.labels))
+        if folds:  # all examples, each scored once
+            res = mpnext.probe_cv(torch.cat(list(feats.values())), torch.cat(list(labels.values())),
+                                  len(task.labels), folds, fc.split_seed)
+        else:
+            res = mpnext.probe(feats, labels, len(task.labels))
+        res.pop("pred"), res.pop("fold", None)
     else:
         res = _finetune_loop(fc, model, batches, predict, labels, n, autocast, log, task.labels)
-    res.update(task=task.name, protocol="probe" if fc.probe else "finetune", n_train=n["train"],
+    res.update(task=task.name, protocol=protocol, n_train=n["train"],
                minutes=(time.time() - t0) / 60)
     log.write(json.dumps(res) + "\n")
     log.close()
@@ -1221,18 +1324,29 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else None
     try:
+        one_process = command or ("--benchmark" if "--benchmark" in argv else None)
+        if one_process and torchrun():
+            raise ValueError(f"train.py {one_process} runs in one process; start it with python, not torchrun")
         if command:
             return COMMANDS[command](argv)[1]
+        if torchrun():  # rank 0 trains the tokenizer and writes the token caches, then the rest read them
+            start_processes()
+            if world()[0] > 0:
+                dist.barrier()
         run = setup(argv)
     except (data.DataError, ValueError) as e:  # user mistakes: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if torchrun() and world()[0] == 0:
+        dist.barrier()
     if run[0].benchmark:
         benchmark(*run)
         return 0
     status = train(*run)[2]  # 0, or 1 after persistent non-finite losses, or 128 + signal after Ctrl-C / SIGTERM
-    if status == 0 and run[0].export_hf:
+    if status == 0 and run[0].export_hf and world()[0] == 0:
         export_hf(run[0].out_dir, run[0].export_hf)
+    if torchrun():
+        dist.destroy_process_group()
     return status
 
 
