@@ -100,7 +100,7 @@ def field_help(cls):
 
 class OneLineParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # "--pres small" is a typo, not --preset
         # argparse takes "-1e-3" for an option (its pattern knows no exponent): read it as a number, then judge it
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -143,17 +143,12 @@ def parse_args(argv=None):
 # system: device, precision
 
 
-def pick_device(name):
+def pick_device(name):  # (argparse's choices have checked the name)
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is visible to PyTorch; use --device auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: this PyTorch build has no Apple MPS support; use --device auto or cpu")
-    if name not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name}: use auto, cpu, cuda or mps")
+        return next(d for d, ok in available.items() if ok)
+    if not available[name]:
+        raise ValueError(f"--device {name}: PyTorch sees no {name} device here; use --device auto or cpu")
     return name
 
 
@@ -183,12 +178,6 @@ def _log_step(line):
         return math.inf  # a row cut off by a crash: dropped
 
 
-def slow_weights(optimizer):
-    uses_lookahead = isinstance(optimizer, mpnext.Lookahead) or (
-        isinstance(optimizer, mpnext.Ranger21) and optimizer.defaults["lookahead_active"])
-    return optimizer.slow_weights() if uses_lookahead else contextlib.nullcontext()
-
-
 def lr_now(optimizer, step):
     group = optimizer.param_groups[0]
     return optimizer.scheduled_lr(group, step) if isinstance(optimizer, mpnext.Ranger21) else group["lr"]
@@ -203,6 +192,22 @@ def autocast_for(device, dtype):
 
 
 MAX_BAD_STEPS = 5  # non-finite losses in a row before a run gives up
+
+
+def update(model, optimizer, scaler, loss, lr, clip):
+    """The optimizer step after backward(): set the learning rate, clip the global gradient norm (clip 0: off), and
+    step unless the loss or the gradients are not finite (a NaN is skipped; an fp16 overflow is the loss scaler's
+    to skip, and it lowers its scale). Returns (stepped, gradients finite)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.unscale_(optimizer)  # true gradients for clipping and the scaler's inf check (no-op without fp16)
+    grads_ok = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)))
+    stepped = bool(torch.isfinite(loss)) and (grads_ok or scaler.is_enabled())
+    if stepped:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return stepped, grads_ok
 
 
 class GracefulStop:
@@ -312,17 +317,6 @@ def mlm_probe(cfg):
     return dataclasses.replace(cfg, objective="mlm", masking="token", rtd=False, sbo=False)
 
 
-def head_summary(m, prefix=""):
-    """The extra heads' numbers in one short string (empty when the run has none)."""
-    parts = []
-    if prefix + "gen_acc" in m:
-        parts.append("rtd: gen_acc {:.3f} replaced {:.3f} disc_acc {:.3f} auc {:.3f} P {:.3f} R {:.3f}".format(
-            *(m[prefix + k] for k in ("gen_acc", "replaced", "disc_acc", "disc_auc", "disc_precision", "disc_recall"))))
-    if prefix + "sbo_loss" in m:
-        parts.append(f"sbo_loss {m[prefix + 'sbo_loss']:.3f} acc {m[prefix + 'sbo_acc']:.3f}")
-    return " | ".join(parts)
-
-
 @torch.no_grad()
 def evaluate(model, batches, cfg, tc, device, autocast):
     """Validation metrics of the run's own objective, every head included (val_loss is their weighted sum, val_acc
@@ -384,8 +378,12 @@ def score_line(ev):
     line += f" acc {ev['val_acc']:.3f}" if "val_acc" in ev else ""
     if "val_mlm_loss" in ev:
         line += f" | val_mlm_loss {ev['val_mlm_loss']:.3f} acc {ev['val_mlm_acc']:.3f}"
-    heads = head_summary(ev, "val_")
-    return line + (" | " + heads if heads else "")
+    if "val_gen_acc" in ev:
+        line += " | rtd: gen_acc {:.3f} replaced {:.3f} disc_acc {:.3f} auc {:.3f} P {:.3f} R {:.3f}".format(*(
+            ev["val_" + k] for k in ("gen_acc", "replaced", "disc_acc", "disc_auc", "disc_precision", "disc_recall")))
+    if "val_sbo_loss" in ev:
+        line += f" | sbo_loss {ev['val_sbo_loss']:.3f} acc {ev['val_sbo_acc']:.3f}"
+    return line
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -606,11 +604,7 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None):
     stopping = False
     with GracefulStop() as stop:  # Ctrl-C: finish the step, then save below
         while step < tc.max_steps and not stopping:
-            mult = 1.0 if tc.optimizer == "ranger21" else mpnext.lr_multiplier(  # Ranger21 runs its own warmup/warmdown
-                step, tc.warmup_steps, schedule_steps, tc.decay, tc.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = tc.lr * mult
-            step_loss, grad_norm = 0.0, None
+            step_loss = 0.0
             for a, gen in enumerate(gens):
                 ids, starts = train_b.sample(gen)
                 batch = mpnext.make_batch(ids, cfg, gen, starts)
@@ -625,13 +619,10 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None):
                 agreed = torch.stack([step_loss.float(), torch.tensor(float(stopping), device=step_loss.device)])
                 dist.all_reduce(agreed)
                 step_loss, stopping = agreed[0] / n_proc, bool(agreed[1] > 0)
-            scaler.unscale_(optimizer)  # true gradients for clipping and the scaler's inf check (no-op without fp16)
-            # the norm is needed for the finiteness check even without clipping (max_norm inf: scales by exactly 1)
-            max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            grads_ok = bool(torch.isfinite(grad_norm))
-            if bool(torch.isfinite(step_loss)) and (grads_ok or scaler.is_enabled()):
-                scaler.step(optimizer)  # an fp16 overflow (finite loss, inf grads): the scaler skips, lowers its scale
+            mult = 1.0 if tc.optimizer == "ranger21" else mpnext.lr_multiplier(  # Ranger21 runs its own warmup/warmdown
+                step, tc.warmup_steps, schedule_steps, tc.decay, tc.min_lr_ratio)
+            stepped, grads_ok = update(model, optimizer, scaler, step_loss, tc.lr * mult, tc.grad_clip)
+            if stepped:
                 bad_steps, overflows = 0, 0 if grads_ok else overflows + 1
                 if not grads_ok:
                     tqdm.write(f"step {step + 1}: fp16 gradient overflow; the loss scaler skipped this update")
@@ -641,8 +632,6 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None):
                 bad_steps += 1
                 tqdm.write(f"step {step + 1}: the loss or the gradients are not finite; update skipped "
                            f"({bad_steps} in a row, the run stops at {MAX_BAD_STEPS})")
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             if bad_steps >= MAX_BAD_STEPS:
                 break
@@ -661,7 +650,7 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None):
                 rng = rng_states(gens, device)  # every process takes part; then rank 0 evaluates and saves
                 if rank > 0:
                     continue
-                with slow_weights(optimizer):  # Lookahead: evaluate the slow weights phi (the fast ones come back)
+                with mpnext.SlowWeights(optimizer):  # Lookahead: evaluate the slow weights phi (the fast ones come back)
                     ev = evaluate(model, val_b, cfg, tc, device, autocast)
                 best = min(best, ev["val_loss"])
                 log.write(json.dumps({"step": step, "loss": step_loss.item(), **ev}) + "\n")
@@ -731,7 +720,8 @@ def finetune_setup(argv):
     """Flags, checks, task, tokenizer and model, before any training: (fc, cfg, model, tok, task)."""
     p = OneLineParser(prog="train.py finetune", description="Fine-tune or probe a model on a classification task.")
     add_fields(p, FinetuneConfig)
-    fc = FinetuneConfig(**vars(p.parse_args(argv)))
+    typed = vars(p.parse_args(argv))  # only the flags given (add_fields: SUPPRESS)
+    fc = FinetuneConfig(**typed)
     for name in ("epochs", "patience", "batch_size"):
         if getattr(fc, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(fc, name)}")
@@ -740,13 +730,12 @@ def finetune_setup(argv):
                          f"need 0 <= lr < 1 (0 = auto), 0 <= dropout < 1, train-size >= 0 (0 = all) and max-len >= 8")
     if fc.random_init and not fc.init:
         raise ValueError("--random-init takes the model and tokenizer of --init DIR; pass --init too")
-    typed = {a.split("=")[0] for a in argv if a.startswith("--")}
-    if fc.init and typed & {"--preset", "--vocab"}:
+    if fc.init and typed.keys() & {"preset", "vocab"}:
         raise ValueError(f"--init {fc.init} fixes the model and the vocabulary; drop "
-                         f"{sorted(typed & {'--preset', '--vocab'})}")
+                         f"{sorted('--' + k for k in typed.keys() & {'preset', 'vocab'})}")
     if fc.folds and not 3 <= fc.folds <= 100:
         raise ValueError(f"--folds {fc.folds}: use 0 (the train/dev/test split) or 3 to 100 folds")
-    if fc.probe and "--pooling" in typed:
+    if fc.probe and "pooling" in typed:
         raise ValueError("--probe always mean-pools the last layer (SentEval); drop --pooling")
     if os.path.exists(os.path.join(fc.out_dir, "ckpt.pt")):
         raise ValueError(f"{fc.out_dir} already holds a fine-tuned model; pick another --out-dir or delete it")
@@ -818,7 +807,7 @@ def finetune(argv=None):
         model.train()
         return torch.cat(out)
 
-    t0, log = time.time(), open(os.path.join(fc.out_dir, "log.jsonl"), "w")
+    t0, log, status = time.time(), open(os.path.join(fc.out_dir, "log.jsonl"), "w"), 0
     if fc.probe:
         model.eval()
         feats = {}
@@ -832,73 +821,61 @@ def finetune(argv=None):
         else:
             res = mpnext.probe(feats, labels, len(task.labels))
         res.pop("pred"), res.pop("fold", None)
-    else:
-        res = _finetune_loop(fc, model, batches, predict, labels, n, autocast, log, task.labels)
-    res.update(task=task.name, protocol=protocol, n_train=n["train"],
-               minutes=(time.time() - t0) / 60)
+    else:  # epochs with early stopping on dev accuracy; the best epoch's weights are saved and scored on test
+        total = fc.epochs * math.ceil(n["train"] / fc.batch_size)
+        optimizer = mpnext.build_optimizer(model, "adamw", lr=fc.lr, weight_decay=fc.weight_decay, betas=(0.9, 0.98),
+                                           eps=1e-6)
+        scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+        loss_fn = torch.compile(model.loss) if fc.compile else model.loss
+        gen = torch.Generator().manual_seed(fc.seed)
+        step, best, best_epoch, bad = 0, -1.0, 0, 0
+        bar = tqdm(total=total, dynamic_ncols=True, disable=None)
+        with GracefulStop() as stop:
+            for epoch in range(1, fc.epochs + 1):
+                for batch in batches("train", torch.randperm(n["train"], generator=gen).tolist()):
+                    with autocast:
+                        loss, metrics = loss_fn(batch)
+                    scaler.scale(loss).backward()
+                    lr = fc.lr * mpnext.lr_multiplier(step, round(0.06 * total), total)
+                    bad = 0 if update(model, optimizer, scaler, loss, lr, 1.0)[0] else bad + 1
+                    if bad:  # never step on a NaN; give up when it persists
+                        tqdm.write(f"step {step + 1}: the loss or the gradients are not finite; update skipped")
+                    step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+                    if stop.signum is not None or bad >= MAX_BAD_STEPS:
+                        break
+                dev_acc = (predict("dev") == labels["dev"]).float().mean().item()
+                log.write(json.dumps({"epoch": epoch, "step": step, "loss": loss.item(), "dev_acc": dev_acc}) + "\n")
+                log.flush()
+                tqdm.write(f"epoch {epoch}: loss {loss.item():.3f} dev_acc {dev_acc:.4f}" + " (best)" * (dev_acc > best))
+                if dev_acc > best:
+                    best, best_epoch = dev_acc, epoch
+                    save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
+                                 "finetune_config": dataclasses.asdict(fc), "epoch": epoch, "dev_acc": dev_acc,
+                                 "labels": task.labels}, os.path.join(fc.out_dir, "ckpt.pt"))
+                if bad >= MAX_BAD_STEPS:
+                    print(f"error: the loss or the gradients were not finite for {bad} steps in a row; scoring the "
+                          f"best epoch so far ({best_epoch}). Lower --lr, or try --dtype float32", file=sys.stderr)
+                    status = 1
+                    break
+                if stop.signum is not None:
+                    print(f"stopped in epoch {epoch}; scoring the best epoch so far ({best_epoch})", flush=True)
+                    status = 128 + stop.signum
+                    break
+                if epoch - best_epoch >= fc.patience:
+                    break
+        bar.close()
+        model.load_state_dict(torch.load(os.path.join(fc.out_dir, "ckpt.pt"), weights_only=True)["model"])
+        pred = predict("test")
+        res = {"dev_acc": best, "test_acc": (pred == labels["test"]).float().mean().item(),
+               "test_f1": mpnext.macro_f1(pred, labels["test"], cfg.n_classes), "best_epoch": best_epoch}
+    res.update(task=task.name, protocol=protocol, n_train=n["train"], minutes=(time.time() - t0) / 60)
     log.write(json.dumps(res) + "\n")
     log.close()
     print(f"summary | {task.name} | {res['protocol']} | {source(fc)} | test_acc {res['test_acc']:.4f} "
           f"test_f1 {res['test_f1']:.4f} | dev_acc {res['dev_acc']:.4f} | {res['minutes']:.1f} min")
-    return res, res.pop("exit", 0)
-
-
-def _finetune_loop(fc, model, batches, predict, labels, n, autocast, log, labels_names):
-    """Epochs with early stopping on dev accuracy; the best epoch's weights are saved and scored on test."""
-    total = fc.epochs * math.ceil(n["train"] / fc.batch_size)
-    optimizer = mpnext.build_optimizer(model, "adamw", lr=fc.lr, weight_decay=fc.weight_decay, betas=(0.9, 0.98),
-                                       eps=1e-6)
-    loss_fn = torch.compile(model.loss) if fc.compile else model.loss
-    gen = torch.Generator().manual_seed(fc.seed)
-    step, best, best_epoch, stop_status, bad = 0, -1.0, 0, 0, 0
-    bar = tqdm(total=total, dynamic_ncols=True, disable=None)
-    with GracefulStop() as stop:
-        for epoch in range(1, fc.epochs + 1):
-            for batch in batches("train", torch.randperm(n["train"], generator=gen).tolist()):
-                for group in optimizer.param_groups:
-                    group["lr"] = fc.lr * mpnext.lr_multiplier(step, round(0.06 * total), total)
-                with autocast:
-                    loss, metrics = loss_fn(batch)
-                loss.backward()
-                if torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)) and torch.isfinite(loss):
-                    optimizer.step()
-                    bad = 0
-                else:  # never step on a NaN; give up when it persists
-                    bad += 1
-                    tqdm.write(f"step {step + 1}: the loss or the gradients are not finite; update skipped")
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
-                if stop.signum is not None or bad >= MAX_BAD_STEPS:
-                    break
-            dev_acc = (predict("dev") == labels["dev"]).float().mean().item()
-            log.write(json.dumps({"epoch": epoch, "step": step, "loss": loss.item(), "dev_acc": dev_acc}) + "\n")
-            log.flush()
-            tqdm.write(f"epoch {epoch}: loss {loss.item():.3f} dev_acc {dev_acc:.4f}" + (" (best)" * (dev_acc > best)))
-            if dev_acc > best:
-                best, best_epoch = dev_acc, epoch
-                save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
-                             "finetune_config": dataclasses.asdict(fc), "epoch": epoch, "dev_acc": dev_acc,
-                             "labels": labels_names},
-                            os.path.join(fc.out_dir, "ckpt.pt"))
-            if bad >= MAX_BAD_STEPS:
-                print(f"error: the loss or the gradients were not finite for {bad} steps in a row; scoring the best "
-                      f"epoch so far ({best_epoch}). Lower --lr, or try --dtype float32", file=sys.stderr)
-                stop_status = 1
-                break
-            if stop.signum is not None:
-                print(f"stopped in epoch {epoch}; scoring the best epoch so far ({best_epoch})", flush=True)
-                stop_status = 128 + stop.signum
-                break
-            if epoch - best_epoch >= fc.patience:
-                break
-    bar.close()
-    model.load_state_dict(torch.load(os.path.join(fc.out_dir, "ckpt.pt"), weights_only=True)["model"])
-    pred = predict("test")
-    return {"dev_acc": best, "test_acc": (pred == labels["test"]).float().mean().item(),
-            "test_f1": mpnext.macro_f1(pred, labels["test"], model.cfg.n_classes), "best_epoch": best_epoch,
-            "exit": stop_status}
+    return res, status
 
 
 # ---------------------------------------------------------------------------------------------------------------------
