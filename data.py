@@ -602,6 +602,8 @@ def _dedup(texts, labels, where):
             kept.add(t)
             out[0].append(t)
             out[1].append(y)
+    if not texts:
+        raise DataError(f"{where}: no examples (an empty directory, or a table with a header only); add some")
     if not out[0]:
         raise DataError(f"{where}: no examples left after removing duplicates and conflicting labels")
     return out

@@ -381,8 +381,19 @@ def check_config(cfg):
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; choose one of: {', '.join(allowed)}")
+    for name in ("n_layer", "n_head", "d_model", "d_ff", "max_len"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)}: must be at least 1")
+    if not (0 <= cfg.dropout < 1 and 0 <= cfg.attn_dropout < 1 and cfg.layer_norm_eps > 0):
+        raise ValueError(f"dropout={cfg.dropout}, attn_dropout={cfg.attn_dropout}, layer_norm_eps={cfg.layer_norm_eps}:"
+                         f" dropouts must be in [0, 1), layer_norm_eps positive")
     if cfg.rel_buckets < 4 or cfg.rel_buckets % 2:
         raise ValueError(f"rel_buckets={cfg.rel_buckets}: need an even number >= 4 (half per side)")
+    if cfg.rel_max_distance <= cfg.rel_buckets // 4:  # the log-spaced buckets start at rel_buckets / 4
+        raise ValueError(f"rel_max_distance={cfg.rel_max_distance}: must exceed rel_buckets / 4 = "
+                         f"{cfg.rel_buckets // 4} (default 128)")
+    if cfg.rtd_weight is not None and not cfg.rtd_weight > 0:
+        raise ValueError(f"rtd_weight={cfg.rtd_weight}: must be positive (unset: 50 for mlm, 10 for mpnet/plm)")
     if cfg.d_embed < 0:
         raise ValueError(f"d_embed={cfg.d_embed}: use 0 (= d_model) or a positive width")
     if not (0 < cfg.pred_ratio <= 1 and 0 <= cfg.mask_prob and 0 <= cfg.random_prob and

@@ -1225,6 +1225,39 @@ def test_cli_user_errors_are_one_line(tmp_path):
         assert needle in r.stderr, (args, r.stderr)
 
 
+def test_values_out_of_range_and_clashing_outputs_are_one_line_before_any_work(tmp_path, capsys):
+    """Every command checks its numbers and its output directory first (in-process: each case fails in
+    milliseconds, before any data is read)."""
+    os.makedirs(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text("{}")  # an exported HF checkpoint
+    os.makedirs(tmp_path / "run")
+    (tmp_path / "run" / "ckpt.pt").write_bytes(b"")  # another run
+    (tmp_path / "file").write_text("x")
+    out = ["--out-dir", str(tmp_path / "new")]
+    cases = [(["--grad-clip", "-1", *out], "--grad-clip"), (["--weight-decay", "-1", *out], "--weight-decay"),
+             (["--beta1", "1.5", *out], "--beta1"), (["--eps", "0", *out], "--eps"),
+             (["--min-lr-ratio", "2", *out], "--min-lr-ratio"), (["--warmup-steps", "-1", *out], "--warmup-steps"),
+             (["--samples", "-1", *out], "--samples"), (["--n-layer", "0", *out], "n_layer"),
+             (["--dropout", "1.5", *out], "dropout"), (["--rel-max-distance", "8", *out], "rel_max_distance"),
+             (["--rtd", "--rtd-weight", "-1", *out], "rtd_weight"),
+             (["--out-dir", str(tmp_path / "hf")], "Hugging Face checkpoint"),
+             (["--export-hf", str(tmp_path / "run"), *out], "holding an MPNext run"),
+             (["finetune", "--folds", "2"], "--folds"), (["finetune", "--dropout", "1.5"], "--dropout 1.5"),
+             (["finetune", "--out-dir", str(tmp_path / "file")], "is a file"),
+             (["fill", "--init", "x", "--top-k", "0", "a <mask>"], "--top-k"),
+             (["export", "--init", str(tmp_path / "x"), str(tmp_path / "run")], "holding an MPNext run"),
+             (["compare", "--cells", "objective=mlm | lr=5"], "cell 'lr=5': --lr"),
+             (["compare", "--cells", "rtd=ture"], "true or false"), (["compare", "--cells", "lr=1e-3 | lr=1e-3"], "twice"),
+             (["compare", "--finetune=--epochs 0"], "--epochs 0"), (["compare", "--finetune=--init x"], "sets"),
+             (["compare", "--seed", "3"], "sets ['seed']"), (["compare", "--tasks", "a,"], "empty task name"),
+             (["compare", "--out-dir", str(tmp_path / "file")], "is a file")]
+    for args, needle in cases:
+        assert train.main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and needle in err and len(err.splitlines()) == 1, (args, err)
+    assert not (tmp_path / "new").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # optimizers
 

@@ -168,6 +168,9 @@ def pick_dtype(name, device):
         if native_bf16(device):
             return torch.bfloat16
         return torch.float16 if device == "cuda" else torch.float32
+    if name == "float16" and device != "cuda":
+        print(f"warning: --dtype float16 on {device}: made for CUDA GPUs, slow or unsupported here; try auto",
+              file=sys.stderr)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -296,6 +299,14 @@ def rng_states(gens, device):
     return {k: [s for r in everyone for s in r[k]] for k in mine}
 
 
+def check_out_dir(path, flag):
+    """An output directory may not be a file, nor a Hugging Face checkpoint (its tokenizer.json would be lost)."""
+    if os.path.isfile(path):
+        raise ValueError(f"{flag} {path} is a file; name a directory")
+    if os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"{flag} {path} holds a Hugging Face checkpoint (config.json); pick another directory")
+
+
 def save_atomic(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
@@ -399,8 +410,7 @@ def setup(argv=None):
     out_dir = train_args.get("out_dir", TrainConfig.out_dir)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     ckpt, init_state = None, None
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out-dir {out_dir} is a file; name a directory")
+    check_out_dir(out_dir, "--out-dir")
     if os.path.exists(ckpt_path) and not train_args.get("resume"):
         raise ValueError(f"{out_dir} already holds a run ({ckpt_path}); continue it with --resume, or pick another "
                          f"--out-dir")
@@ -418,10 +428,11 @@ def setup(argv=None):
             raise ValueError(f"--resume keeps the checkpoint's model (preset {ckpt['train_config']['preset']}); "
                              f"drop --preset or use another --out-dir")
         n_streams = ckpt["rng"]["batches"]
-        n_streams = len(n_streams) if isinstance(n_streams, list) else 1  # (a tensor: a checkpoint from before torchrun)
+        n_streams = len(n_streams) if isinstance(n_streams, list) else 1  # (a tensor: saved before torchrun)
         if n_streams != world()[1] * tc.grad_accum:
             raise ValueError(f"--resume: {ckpt_path} was written by {n_streams} batch stream(s) (processes x "
-                             f"--grad-accum), this run has {world()[1]} x {tc.grad_accum}; resume with {n_streams} in all "
+                             f"--grad-accum), this run has {world()[1]} x {tc.grad_accum}; resume with {n_streams} "
+                             f"in all "
                              f"(in one process: --grad-accum {n_streams}, which draws the same batches)")
         if tc.max_steps <= ckpt["step"]:
             raise ValueError(f"--resume: {ckpt_path} is at step {ckpt['step']} already; pass a larger --max-steps")
@@ -440,8 +451,7 @@ def setup(argv=None):
                 raise ValueError(f"--init {tc.init} fixes the model size and vocabulary; drop {clash}")
             cfg = dataclasses.replace(cfg, **model_args)
         else:
-            preset = mpnext.MPNextConfig.from_preset(tc.preset)
-            cfg = dataclasses.replace(preset, **{"max_len": max(preset.max_len, tc.seq_len), **model_args})
+            cfg = preset_config(tc, model_args)
     check_run(tc, cfg)  # fail fast, before any data work
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -466,8 +476,17 @@ def setup(argv=None):
                for name, d in (("train", train_docs), ("val", val_docs))]
     train_b = data.Batches(streams[0], tok, tc.seq_len, tc.batch_size // (tc.grad_accum * world()[1]), "train")
     val_b = data.Batches(streams[1], tok, tc.seq_len, tc.batch_size, "validation")
+    if tok.vocab_size < tc.vocab and not (ckpt or tc.init):
+        print(f"warning: --vocab {tc.vocab}: this corpus has no pairs left to merge after {tok.vocab_size} tokens; "
+              f"the model uses {tok.vocab_size}", file=sys.stderr)
     make_optimizer(mpnext.MPNext(cfg), tc)  # config errors (unknown activation, optimizer, ...) surface here
     return tc, cfg, tok, device, train_b, val_b, ckpt, init_state
+
+
+def preset_config(tc, model_args):
+    """A new model: the preset, long enough for --seq-len, with the model flags on top."""
+    preset = mpnext.MPNextConfig.from_preset(tc.preset)
+    return dataclasses.replace(preset, **{"max_len": max(preset.max_len, tc.seq_len), **model_args})
 
 
 ARCH_FIELDS = {"vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_len", "d_embed", "pre_ln", "activation",
@@ -492,18 +511,32 @@ def load_init(path):
     return dataclasses.replace(model.cfg, special_ids=tok.special_ids), model.state_dict(), tok
 
 
+AT_LEAST_1, NOT_NEGATIVE, POSITIVE = (lambda v: v >= 1, "at least 1"), (lambda v: v >= 0, "0 or more"), (
+    lambda v: v > 0, "positive")
+
+
+def check_ranges(config, rules):
+    """rules {field: (test, what the value must be)}: a ValueError for the first flag that fails (NaN fails all)."""
+    for name, (ok, want) in rules.items():
+        if not ok(getattr(config, name)):
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be {want}")
+
+
 def check_run(tc, cfg):
     """The flag checks that need no data: one ValueError each."""
     mpnext.check_config(cfg)
+    check_ranges(tc, {**dict.fromkeys(("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every",
+                                       "eval_batches", "log_every"), AT_LEAST_1),
+                      **dict.fromkeys(("warmup_steps", "samples", "weight_decay"), NOT_NEGATIVE),
+                      "save_every": (NOT_NEGATIVE[0], "0 (at evaluations only) or positive"),
+                      "schedule_steps": (NOT_NEGATIVE[0], "0 (= --max-steps) or positive"),
+                      "grad_clip": (NOT_NEGATIVE[0], "0 (off) or a positive norm"), "eps": POSITIVE,
+                      "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"), "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                      "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1], a fraction of --lr")})
     if tc.seq_len > cfg.max_len:
         raise ValueError(f"--seq-len {tc.seq_len} exceeds the model's max_len {cfg.max_len}")
     if tc.vocab < len(data.SPECIAL_TOKENS) + 256:  # the BPE starts from the specials and the 256 bytes
         raise ValueError(f"--vocab {tc.vocab}: a byte-level BPE needs at least {len(data.SPECIAL_TOKENS) + 256}")
-    if tc.save_every < 0:
-        raise ValueError(f"--save-every must be 0 (at evaluations only) or positive, got {tc.save_every}")
-    for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every"):
-        if getattr(tc, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(tc, name)}")
     if not (math.isfinite(tc.lr) and 0 < tc.lr < 1):
         raise ValueError(f"--lr {tc.lr}: use a positive learning rate below 1 (the default is 1.5e-3)")
     if round(cfg.pred_ratio * tc.seq_len) < 1:
@@ -516,10 +549,7 @@ def check_run(tc, cfg):
                          f"{','.join(BENCH_ROWS)}")
     if tc.export_hf:
         mpnext.check_hf_exportable(cfg)
-        if os.path.abspath(tc.export_hf) == os.path.abspath(tc.out_dir):
-            raise ValueError(f"--export-hf {tc.export_hf} is the run's own --out-dir; name another directory")
-        if os.path.isfile(tc.export_hf):
-            raise ValueError(f"--export-hf {tc.export_hf} is a file; name a directory")
+        check_export_dir(tc.out_dir, tc.export_hf)
     if tc.batch_size % (tc.grad_accum * world()[1]):
         raise ValueError(f"--batch-size {tc.batch_size} must be a multiple of --grad-accum {tc.grad_accum}"
                          + f" x {world()[1]} processes" * (world()[1] > 1))
@@ -578,7 +608,7 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None):
     log_path, kept = os.path.join(tc.out_dir, "log.jsonl"), []
     if ckpt is not None and os.path.exists(log_path):  # resume: keep the rows up to the checkpoint, drop the rest
         kept = [line for line in open(log_path) if _log_step(line) <= step]
-    log = open(log_path if rank == 0 else os.devnull, "w")  # only rank 0 logs, evaluates and saves
+    log = open(log_path if rank == 0 else os.devnull, "w", buffering=1)  # line by line; only rank 0 logs
     log.writelines(kept)
     n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("generator.", "disc.", "sbo.")))
     extra = f" (+{(model.num_params() - n_params) / 1e6:.2f}M generator/heads)" if n_params < model.num_params() else ""
@@ -643,18 +673,16 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None):
                 row = {"step": step, **{k: v.item() for k, v in metrics.items()}, "loss": step_loss.item(),
                        "lr": lr_now(optimizer, step), "tok_s": round(tok_s)}  # torchrun: metrics are rank 0's
                 log.write(json.dumps(row) + "\n")
-                log.flush()
                 heads = {k: f"{row[k]:.2f}" for k in ("gen_acc", "disc_auc", "disc_recall", "sbo_loss") if k in row}
                 bar.set_postfix(loss=f"{row['loss']:.3f}", **heads, lr=f"{row['lr']:.2e}", tok_s=f"{tok_s / 1e3:.1f}k")
             if step % tc.eval_every == 0 or step == tc.max_steps:
                 rng = rng_states(gens, device)  # every process takes part; then rank 0 evaluates and saves
                 if rank > 0:
                     continue
-                with mpnext.SlowWeights(optimizer):  # Lookahead: evaluate the slow weights phi (the fast ones come back)
+                with mpnext.SlowWeights(optimizer):  # Lookahead: evaluate the slow weights phi (then the fast again)
                     ev = evaluate(model, val_b, cfg, tc, device, autocast)
                 best = min(best, ev["val_loss"])
                 log.write(json.dumps({"step": step, "loss": step_loss.item(), **ev}) + "\n")
-                log.flush()
                 tqdm.write(f"step {step}: {score_line(ev)}")
                 if not math.isfinite(ev["val_loss"]):  # a poisoned model never overwrites the last good checkpoint
                     tqdm.write(f"step {step}: validation loss is not finite; {tc.out_dir}/ckpt.pt is not overwritten")
@@ -716,27 +744,32 @@ class FinetuneConfig:
     compile: bool = False  # torch.compile the loss
 
 
-def finetune_setup(argv):
-    """Flags, checks, task, tokenizer and model, before any training: (fc, cfg, model, tok, task)."""
-    p = OneLineParser(prog="train.py finetune", description="Fine-tune or probe a model on a classification task.")
+def finetune_flags(argv, prog="train.py finetune"):
+    """FinetuneConfig from a command line, and the flags given; every check that needs no data."""
+    p = OneLineParser(prog=prog, description="Fine-tune or probe a model on a classification task.")
     add_fields(p, FinetuneConfig)
     typed = vars(p.parse_args(argv))  # only the flags given (add_fields: SUPPRESS)
     fc = FinetuneConfig(**typed)
-    for name in ("epochs", "patience", "batch_size"):
-        if getattr(fc, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(fc, name)}")
-    if not (math.isfinite(fc.lr) and 0 <= fc.lr < 1) or not 0 <= fc.dropout < 1 or fc.train_size < 0 or fc.max_len < 8:
-        raise ValueError(f"--lr {fc.lr}, --dropout {fc.dropout}, --train-size {fc.train_size}, --max-len {fc.max_len}: "
-                         f"need 0 <= lr < 1 (0 = auto), 0 <= dropout < 1, train-size >= 0 (0 = all) and max-len >= 8")
+    check_ranges(fc, {**dict.fromkeys(("epochs", "patience", "batch_size"), AT_LEAST_1),
+                      "lr": (lambda v: 0 <= v < 1, "in [0, 1) (0 = auto)"), "weight_decay": NOT_NEGATIVE,
+                      "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                      "train_size": (NOT_NEGATIVE[0], "0 (all) or more"),
+                      "max_len": (lambda v: v >= 8, "at least 8"),
+                      "folds": (lambda v: v == 0 or 3 <= v <= 100, "0 (the train/dev/test split) or 3 to 100")})
     if fc.random_init and not fc.init:
         raise ValueError("--random-init takes the model and tokenizer of --init DIR; pass --init too")
     if fc.init and typed.keys() & {"preset", "vocab"}:
         raise ValueError(f"--init {fc.init} fixes the model and the vocabulary; drop "
                          f"{sorted('--' + k for k in typed.keys() & {'preset', 'vocab'})}")
-    if fc.folds and not 3 <= fc.folds <= 100:
-        raise ValueError(f"--folds {fc.folds}: use 0 (the train/dev/test split) or 3 to 100 folds")
     if fc.probe and "pooling" in typed:
         raise ValueError("--probe always mean-pools the last layer (SentEval); drop --pooling")
+    return fc, typed
+
+
+def finetune_setup(argv):
+    """Flags, checks, task, tokenizer and model, before any training: (fc, cfg, model, tok, task)."""
+    fc, typed = finetune_flags(argv)
+    check_out_dir(fc.out_dir, "--out-dir")
     if os.path.exists(os.path.join(fc.out_dir, "ckpt.pt")):
         raise ValueError(f"{fc.out_dir} already holds a fine-tuned model; pick another --out-dir or delete it")
     task = data.load_task(fc.data or None, fc.split_seed, fc.train_size, fc.label_col, fc.text_cols)
@@ -807,7 +840,7 @@ def finetune(argv=None):
         model.train()
         return torch.cat(out)
 
-    t0, log, status = time.time(), open(os.path.join(fc.out_dir, "log.jsonl"), "w"), 0
+    t0, log, status = time.time(), open(os.path.join(fc.out_dir, "log.jsonl"), "w", buffering=1), 0
     if fc.probe:
         model.eval()
         feats = {}
@@ -847,8 +880,8 @@ def finetune(argv=None):
                         break
                 dev_acc = (predict("dev") == labels["dev"]).float().mean().item()
                 log.write(json.dumps({"epoch": epoch, "step": step, "loss": loss.item(), "dev_acc": dev_acc}) + "\n")
-                log.flush()
-                tqdm.write(f"epoch {epoch}: loss {loss.item():.3f} dev_acc {dev_acc:.4f}" + " (best)" * (dev_acc > best))
+                best_mark = " (best)" * (dev_acc > best)
+                tqdm.write(f"epoch {epoch}: loss {loss.item():.3f} dev_acc {dev_acc:.4f}{best_mark}")
                 if dev_acc > best:
                     best, best_epoch = dev_acc, epoch
                     save_atomic({"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
@@ -912,11 +945,17 @@ def load_run(out_dir, device="cpu"):
     return model.to(device).eval(), data.load_tokenizer(out_dir)
 
 
+def check_export_dir(run_dir, out_dir):
+    if os.path.abspath(run_dir) == os.path.abspath(out_dir):
+        raise ValueError(f"export to {out_dir}: that is the run's own directory; name another one")
+    if os.path.isfile(out_dir) or os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+        raise ValueError(f"export to {out_dir}: a file, or a directory holding an MPNext run; name a new directory")
+
+
 def export_hf(run_dir, out_dir):
     """A run's model and tokenizer as a Hugging Face checkpoint: pipeline("fill-mask", model=out_dir) works, or for a
     fine-tuned run pipeline("text-classification", model=out_dir)."""
-    if os.path.abspath(run_dir) == os.path.abspath(out_dir):
-        raise ValueError(f"export to {out_dir}: that is the run's own directory; name another one")
+    check_export_dir(run_dir, out_dir)
     model, tok = load_run(run_dir)
     labels = read_run(run_dir)[0].get("labels")
     model.to_hf(out_dir, labels)
@@ -938,10 +977,11 @@ def fill(argv=None):
     """Print the top-k tokens for each <mask> of each text. A mask stands for ONE token (a word piece)."""
     p = OneLineParser(prog="train.py fill", description="Top-k completions for each <mask> (one token each).")
     p.add_argument("--init", required=True, help="a run's --out-dir")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=5, help="completions per <mask> (at least 1)")
     p.add_argument("--device", default="cpu", choices=CHOICES["device"])
     p.add_argument("text", nargs="+", help='e.g. "The <mask> of the module."')
     args = p.parse_args(argv)
+    check_ranges(args, {"top_k": AT_LEAST_1})
     device = pick_device(args.device)
     model, tok = load_run(args.init, device)
     lm = model.generator if is_electra(model.cfg) else model  # classic ELECTRA: its generator fills in
@@ -993,6 +1033,8 @@ def compare_args(argv):
                 raise ValueError(f"--cells/--grid: {item!r} is not flag=value of a pre-training flag")
             flag = "--" + name.replace("_", "-")
             if names[name] is bool:
+                if v.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise ValueError(f"--cells/--grid: {item!r}: a switch takes true or false")
                 out.append(flag if v.lower() in ("1", "true", "yes", "on") else "--no-" + flag[2:])
             else:
                 out += [flag, v]
@@ -1002,16 +1044,34 @@ def compare_args(argv):
     axes = [[f"{k}={v}" for v in vs.split(",")] for k, _, vs in (a.partition("=") for a in args.grid.split())]
     specs = [" ".join(filter(None, (c,) + g)) for c in cells for g in itertools.product(*axes)]
     protocols = args.protocols.split(",")
-    if any(x not in ("probe", "low", "full") for x in protocols) or args.seeds < 1:
-        raise ValueError(f"--protocols {args.protocols} / --seeds {args.seeds}: protocols are probe, low, full; "
-                         f"seeds at least 1")
+    if any(x not in ("probe", "low", "full") for x in protocols) or len(set(protocols)) < len(protocols):
+        raise ValueError(f"--protocols {args.protocols}: name each of probe, low, full at most once")
+    check_ranges(args, {"seeds": AT_LEAST_1, "low_size": AT_LEAST_1})
+    check_out_dir(args.out_dir, "--out-dir")
+    if len(set(specs)) < len(specs):
+        raise ValueError(f"--cells/--grid: a cell appears twice ({specs}); remove the duplicate")
+    set_here = parse_args(pretrain)[0].keys() & {"seed", "out_dir", "resume"}
+    if set_here:
+        raise ValueError(f"compare sets {sorted(set_here)} of each run itself (seeds 0..--seeds-1); drop them")
     grid = [(spec or "default", flags(spec)) for spec in specs]
-    for _, extra in grid:  # every cell's command line must parse before hours of work start
-        parse_args(pretrain + extra)
+    for cell, extra in grid:  # every cell's command line must pass its checks before hours of work start
+        train_args, model_args = parse_args(pretrain + extra)
+        if not train_args.get("init"):
+            tc = TrainConfig(**train_args)
+            try:
+                check_run(tc, preset_config(tc, model_args))
+            except ValueError as e:
+                raise ValueError(f"cell {cell!r}: {e}") from None
+    if any(not t.strip() for t in args.tasks.split(",")):
+        raise ValueError(f"--tasks {args.tasks!r}: an empty task name; separate paths with commas")
     tasks = [(t, None if t == "builtin" else t) for t in args.tasks.split(",")]
-    fp = OneLineParser(prog="train.py compare --finetune")
-    add_fields(fp, FinetuneConfig)
-    fc = dataclasses.replace(FinetuneConfig(), **vars(fp.parse_args(shlex.split(args.finetune))))
+    try:
+        fc, typed = finetune_flags(shlex.split(args.finetune), prog="train.py compare --finetune")
+    except ValueError as e:  # shlex: "No closing quotation"; or a value out of range
+        raise ValueError(f"--finetune {args.finetune!r}: {e}") from None
+    own = typed.keys() & {"init", "random_init", "out_dir", "data", "seed", "probe", "train_size"}
+    if own:
+        raise ValueError(f"--finetune: compare sets {sorted(own)} for each run itself; drop them")
     for t, path in tasks:  # a bad task fails now, with its one line
         data.load_task(path, fc.split_seed, args.low_size if "low" in protocols else 0, fc.label_col, fc.text_cols)
     return args, pretrain, grid, tasks, protocols
