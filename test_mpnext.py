@@ -1060,7 +1060,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resuming_is_exact(tmp_path):
 
 def torchrun(tmp_path, n_proc, *args):
     """train.py under torchrun on CPU (Gloo): n_proc processes on this machine."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves folders in the temp dir
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n_proc}",
            os.path.join(HERE, "train.py"), *args]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)

@@ -1382,7 +1382,8 @@ def main(argv=None):
     status = train(*run)[2]  # 0, or 1 after persistent non-finite losses, or 128 + signal after Ctrl-C / SIGTERM
     if status == 0 and run[0].export_hf and world()[0] == 0:
         export_hf(run[0].out_dir, run[0].export_hf)
-    if torchrun():
+    if torchrun():  # leave together: Gloo can abort a process that tears down while another still runs
+        dist.barrier()
         dist.destroy_process_group()
     return status
 
