@@ -7,6 +7,7 @@ Pre-train MPNext on your own text, on CPU or GPU.
     python train.py --rtd --masking span --sbo         # MPNet + ELECTRA's RTD + SpanBERT's spans and SBO, one run
     python train.py --out-dir out --max-steps 2000 --resume   # continue a run exactly where it stopped
     python train.py --benchmark --preset base          # timings side by side: BPE, each objective, HF's MLM step
+    torchrun --nproc-per-node 4 train.py --preset base # several GPUs (or CPU processes): --batch-size is global
     python train.py --help                             # every flag, with its default
 
 Every field of MPNextConfig (model + objective) and of TrainConfig below is a flag; --preset picks the model size.
