@@ -422,14 +422,14 @@ def setup(argv=None):
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
             tc = dataclasses.replace(TrainConfig(**ckpt["train_config"]), **train_args)  # typed flags win
             cfg = config_of(ckpt)
+            ckpt["rng"] = {k: v if isinstance(v, list) else [v] for k, v in ckpt["rng"].items()}  # tensors: 1 stream
         except Exception as e:  # corrupt file, or a checkpoint of another program / version
             raise ValueError(f"{ckpt_path}: not a checkpoint this train.py can resume ({type(e).__name__}); "
                              f"use another --out-dir or delete it") from None
         if tc.preset != ckpt["train_config"]["preset"]:  # (tc holds the typed flags already)
             raise ValueError(f"--resume keeps the checkpoint's model (preset {ckpt['train_config']['preset']}); "
                              f"drop --preset or use another --out-dir")
-        n_streams = ckpt["rng"]["batches"]
-        n_streams = len(n_streams) if isinstance(n_streams, list) else 1  # (a tensor: saved before torchrun)
+        n_streams = len(ckpt["rng"]["batches"])  # per process and micro-batch slot (train() says why)
         if n_streams != world()[1] * tc.grad_accum:
             raise ValueError(f"--resume: {ckpt_path} was written by {n_streams} batch stream(s) (processes x "
                              f"--grad-accum), this run has {world()[1]} x {tc.grad_accum}; resume with {n_streams} "
@@ -594,7 +594,7 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None):
         if ckpt["scaler"]:  # empty when the run that saved it had no fp16 scaler
             scaler.load_state_dict(ckpt["scaler"])
         step, best = ckpt["step"], ckpt["best_val"]
-        rng = {k: v if isinstance(v, list) else [v] for k, v in ckpt["rng"].items()}  # (tensors: before torchrun)
+        rng = ckpt["rng"]
         for s, g in zip(slots, gens):
             g.set_state(rng["batches"][s])
         torch.set_rng_state(rng["torch"][rank])  # dropout
@@ -1007,6 +1007,9 @@ def fill(argv=None):
 # the combination lab: python train.py compare --cells "A | B" --grid "flag=v1,v2" --seeds 3 --tasks T1,T2
 
 
+COMPARE_SETS = {"seed", "out_dir", "resume"}  # pre-training flags compare sets for each run itself
+
+
 def compare_args(argv):
     p = OneLineParser(prog="train.py compare", description="Pre-train every cell of a grid on the same budget, then "
                       "probe / fine-tune each on a list of tasks over several seeds. Other flags go to pre-training.")
@@ -1030,7 +1033,7 @@ def compare_args(argv):
         for item in spec.split():
             k, _, v = item.partition("=")
             name = k.replace("-", "_")
-            if name not in names or not v or name in ("out_dir", "seed", "resume"):
+            if name not in names or not v or name in COMPARE_SETS:
                 raise ValueError(f"--cells/--grid: {item!r} is not flag=value of a pre-training flag")
             flag = "--" + name.replace("_", "-")
             if names[name] is bool:
@@ -1051,7 +1054,7 @@ def compare_args(argv):
     check_out_dir(args.out_dir, "--out-dir")
     if len(set(specs)) < len(specs):
         raise ValueError(f"--cells/--grid: a cell appears twice ({specs}); remove the duplicate")
-    set_here = parse_args(pretrain)[0].keys() & {"seed", "out_dir", "resume"}
+    set_here = parse_args(pretrain)[0].keys() & COMPARE_SETS
     if set_here:
         raise ValueError(f"compare sets {sorted(set_here)} of each run itself (seeds 0..--seeds-1); drop them")
     grid = [(spec or "default", flags(spec)) for spec in specs]
