@@ -142,25 +142,24 @@ def relative_bucket(q_pos, k_pos, n_buckets=32, max_distance=128):
     return bucket + torch.where(n < exact, n, log_bucket.clamp(max=half - 1))
 
 
-class BucketBias(torch.autograd.Function):
-    """table[bucket]: (.., H) from a (n_buckets, H) table, as nn.Embedding computes it, with the table's gradient as
-    one weighted histogram (bincount) per head. Same sums, different speed: nn.Embedding's backward sorts the
-    B x T x T bucket ids first (37 ms of a 2-core CPU step, tiny MPNet batch of 32 x 128, against 4 ms here); a
-    scatter_add into 32 buckets serialises on atomic adds on a GPU (52% of a `base` MPNet step at seq 512 on an
-    H100), where bincount sums each block's share in shared memory first."""
+class DistanceBias(torch.autograd.Function):
+    """table[:, index] in `dtype`: (H, ..) from a per-distance table (H, K) and integer indices (..), with the table's
+    gradient as one weighted histogram (bincount) per head, summed in fp32. Same sums as autograd's indexing, different
+    speed: its backward sorts the indices first (37 ms of a 2-core CPU step, tiny MPNet batch of 32 x 128, against
+    4 ms here), and a scatter_add into a few columns serialises on atomic adds on a GPU (52% of a `base` MPNet step at
+    seq 512 on an H100), where bincount sums each block's share in shared memory first."""
 
     @staticmethod
-    def forward(ctx, table, bucket):
-        ctx.save_for_backward(bucket)
-        ctx.n_buckets = table.shape[0]
-        return table[bucket]
+    def forward(ctx, table, index, dtype):
+        ctx.save_for_backward(index)
+        ctx.shape, ctx.dtype = table.shape, table.dtype
+        return table.to(dtype)[:, index]
 
     @staticmethod
     def backward(ctx, grad):
-        index, acc = ctx.saved_tensors[0].flatten(), torch.promote_types(grad.dtype, torch.float32)  # sums in fp32+
-        columns = [torch.bincount(index, grad[..., h].flatten().to(acc), minlength=ctx.n_buckets)
-                   for h in range(grad.shape[-1])]
-        return torch.stack(columns, 1).to(grad.dtype), None
+        index, acc = ctx.saved_tensors[0].flatten(), torch.promote_types(grad.dtype, torch.float32)
+        columns = [torch.bincount(index, g.flatten().to(acc), minlength=ctx.shape[1]) for g in grad]
+        return torch.stack(columns).to(ctx.dtype), None, None
 
 
 def local_bias_init(cfg):
@@ -256,22 +255,33 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # rows [W_q; W_k; W_v], shared by both streams
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x, attn_bias, n_kv):
-        B, T, D = x.shape
-        H, hs = self.n_head, D // self.n_head
+    def forward(self, xq, xkv, attn_bias):
+        """Queries from the rows xq (B, T, D), keys and values from the content rows xkv (B, S, D); attn_bias
+        (H, B or 1, T, S) holds the relative bias and the mask."""
+        B, T, D = xq.shape
+        S, H, hs = xkv.shape[1], self.n_head, D // self.n_head
         w, b = self.qkv.weight, self.qkv.bias
-        q = F.linear(x, w[:D], b[:D])  # (B, T, D): queries of content AND query stream
-        kv = F.linear(x[:, :n_kv], w[D:], b[D:])  # (B, n_kv, 2D): keys/values from the content stream only
-        q = q.view(B, T, H, hs).transpose(1, 2)  # (B, H, T, hs)
-        k, v = kv.view(B, n_kv, 2, H, hs).permute(2, 0, 3, 1, 4)  # 2 x (B, H, n_kv, hs)
-        # softmax(q k^T / sqrt(hs) + bias + mask) v                                            # Vaswani et al. Eq. (1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        q = F.linear(xq, w[:D], b[:D]).view(B, T, H, hs)
+        k, v = F.linear(xkv, w[D:], b[D:]).view(B, S, 2, H, hs).unbind(2)  # (B, S, H, hs) each
+        p_drop = self.attn_dropout if self.training else 0.0
+        if q.device.type != "cpu":  # CUDA's memory-efficient kernel takes the bias and returns its gradient
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, rows, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.transpose(0, 1), dropout_p=p_drop)
+            return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        # SDPA's CPU fallback for a bias with a gradient is slower (README, Speed): the same steps, heads outermost
+        # so that the bias is a view (a copy when it is shared by the batch, as in natural order)
+        q, k, v = (t.permute(2, 0, 1, 3).reshape(H * B, -1, hs) for t in (q, k, v))  # (H * B, rows, hs)
+        # softmax(q k^T / sqrt(hs) + bias + mask) v, the bias added by the matmul         # Vaswani et al. Eq. (1)
+        scores = torch.baddbmm(attn_bias.expand(H, B, T, S).reshape(H * B, T, S), q, k.transpose(1, 2),
+                               alpha=hs ** -0.5)  # (H * B, T, S)
+        y = torch.bmm(F.dropout(scores.softmax(-1), p_drop), v).view(H, B, T, hs)
+        return self.proj(y.permute(1, 2, 0, 3).reshape(B, T, D))  # (B, T, D)
 
 
 class Block(nn.Module):
-    """Transformer layer. Post-LN (MPNet, BERT): x = LN(x + f(x)). Pre-LN: x = x + f(LN(x))."""
+    """Transformer layer. Post-LN (MPNet, BERT): x = LN(x + f(x)). Pre-LN: x = x + f(LN(x)).
+    `rows` (B, R) makes the layer compute only those rows' outputs (their keys and values still come from all the
+    content rows): the last layer does so when only some rows get a loss."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -286,11 +296,14 @@ class Block(nn.Module):
     def ffn(self, x):
         return self.drop(self.fc2(self.act(self.fc1(x))))
 
-    def forward(self, x, attn_bias, n_kv):
+    def forward(self, x, attn_bias, n_kv, rows=None):
+        pick = (lambda t: t) if rows is None else (lambda t: t.gather(1, rows[..., None].expand(-1, -1, t.size(-1))))
         if self.pre_ln:
-            x = x + self.drop(self.attn(self.ln1(x), attn_bias, n_kv))
+            h = self.ln1(x)
+            x = pick(x) + self.drop(self.attn(pick(h), h[:, :n_kv], attn_bias))
             return x + self.ffn(self.ln2(x))
-        x = self.ln1(x + self.drop(self.attn(x, attn_bias, n_kv)))
+        xq = pick(x)
+        x = self.ln1(xq + self.drop(self.attn(xq, x[:, :n_kv], attn_bias)))
         return self.ln2(x + self.ffn(x))
 
 
@@ -484,17 +497,35 @@ class MPNext(nn.Module):
         return self.emb_proj(self.drop(self.emb_ln(self.tok_emb(input_ids) + self.pos_emb(rows))))
 
     def attention_bias(self, q_pos, k_pos, allowed, dtype):
-        """Relative bias (.., H, Tq, Tk) with blocked entries set to the dtype's minimum (finite: a fully blocked
-        row then gives a uniform softmax instead of NaN)."""
-        buckets = relative_bucket(q_pos, k_pos, self.cfg.rel_buckets, self.cfg.rel_max_distance)
-        bias = BucketBias.apply(self.rel_bias.weight, buckets).to(dtype)  # (B or 1, Tq, Tk, H)
-        bias = bias.permute(0, 3, 1, 2)  # (B or 1, H, Tq, Tk)
-        return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+        """Relative bias (H, B or 1, Tq, Tk) in `dtype` for queries at q_pos (B or 1, Tq) and keys at k_pos, with
+        blocked entries (`allowed` (B or 1, 1, Tq, Tk) False) at the dtype's minimum (finite: a fully blocked row then
+        gives a uniform softmax instead of NaN). Looked up per distance: the buckets of the 2 max_len + 1 distances
+        are computed once, then each entry reads its distance's column (the last column: blocked)."""
+        L, H = self.cfg.max_len, self.cfg.n_head
+        distance = torch.arange(-L, L + 1, device=q_pos.device)
+        buckets = relative_bucket(distance, distance[L:L + 1], self.cfg.rel_buckets, self.cfg.rel_max_distance)
+        w = self.rel_bias.weight
+        blocked = torch.full((H, 1), torch.finfo(dtype).min, dtype=torch.promote_types(w.dtype, dtype), device=w.device)
+        table = torch.cat([w[buckets[:, 0]].t().to(blocked.dtype), blocked], 1)  # (H, 2L + 2)
+        index = q_pos[..., :, None] - k_pos[..., None, :] + L  # (B or 1, Tq, Tk): column of the distance q - k
+        return DistanceBias.apply(table, torch.where(allowed[:, 0], index, 2 * L + 1), dtype)
 
-    def run_blocks(self, x, attn_bias, n_kv):
-        for block in self.blocks:
-            x = block(x, attn_bias, n_kv)
-        return self.ln_f(x)
+    def layers(self, x, q_pos, k_pos, allowed, rows=None):
+        """The blocks over the embedded rows x (B, T, D): queries at positions q_pos (B or 1, T), keys and values the
+        first k_pos.shape[1] rows, attention allowed where `allowed` (B or 1, 1, T, n_kv). With `rows` (B, R), the
+        hidden states of those rows only (B, R, D): the last layer computes nothing else, since a row no loss reads
+        is needed below the top only as a key and value (MPNet: the query rows; MLM: the masked ones)."""
+        dtype, n_kv = self._compute_dtype(x), k_pos.shape[1]
+        bias = self.attention_bias(q_pos, k_pos, allowed, dtype)
+        *below, top = self.blocks
+        for block in below if rows is not None else self.blocks:
+            x = block(x, bias, n_kv)
+        if rows is None:
+            return self.ln_f(x)
+        B = rows.shape[0]
+        allowed = allowed.expand(B, -1, -1, -1).gather(2, rows[:, None, :, None].expand(-1, 1, -1, n_kv))
+        bias = self.attention_bias(q_pos.expand(B, -1).gather(1, rows), k_pos, allowed, dtype)  # (H, B, R, n_kv)
+        return self.ln_f(top(x, bias, n_kv, rows))
 
     def lm_head(self, h):
         h = self.head_ln(ACTIVATIONS[self.cfg.activation](self.head_dense(h)))
@@ -510,9 +541,10 @@ class MPNext(nn.Module):
 
     # -- natural order (fine-tuning, MLM)
 
-    def encode(self, input_ids, attention_mask=None):
-        """Hidden states (B, T, D). Positions follow HF/fairseq: the i-th non-pad token has position i, pads none;
-        the relative bias uses arange(T) as HF does. attention_mask (B, T): 1 = token, 0 = padding (key masked)."""
+    def encode(self, input_ids, attention_mask=None, rows=None):
+        """Hidden states (B, T, D), or (B, R, D) of `rows` alone. Positions follow HF/fairseq: the i-th non-pad token
+        has position i, pads none; the relative bias uses arange(T) as HF does. attention_mask (B, T): 1 = token,
+        0 = padding (key masked)."""
         B, T = input_ids.shape
         self._check_length(T)
         not_pad = (input_ids != self.cfg.pad_id).long()
@@ -522,8 +554,7 @@ class MPNext(nn.Module):
         if attention_mask is not None:
             allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): mask padded keys
         ar = torch.arange(T, device=x.device)[None]
-        bias = self.attention_bias(ar, ar, allowed, self._compute_dtype(x))
-        return self.run_blocks(x, bias, T)
+        return self.layers(x, ar, ar, allowed, rows)
 
     def forward(self, input_ids, attention_mask=None):
         return self.lm_head(self.encode(input_ids, attention_mask))  # (B, T, V)
@@ -534,12 +565,12 @@ class MPNext(nn.Module):
 
     # -- two streams (pre-training)
 
-    def two_stream_encode(self, input_ids, positions, n_pred, kind="mpnet"):
+    def two_stream_encode(self, input_ids, positions, n_pred, kind="mpnet", rows=None):
         """input_ids, positions: (B, T) with T = N + 2P ("mpnet": [N permuted tokens | P mask copies | P query rows])
         or T = N + P ("plm": [N permuted tokens | P query rows]); positions are the ORIGINAL 0-based positions. When
         rows predict different numbers of tokens, make_batch adds filler pads: the N content rows become W + P
         (make_batch checks N against max_len; two_stream checks a layout without fillers).
-        Returns hidden states (B, T, D) of every row; the last P rows are the query stream."""
+        Returns hidden states (B, T, D) of every row (the last P rows are the query stream), or (B, R, D) of `rows`."""
         B, T = input_ids.shape
         n = T - 2 * n_pred if kind == "mpnet" else T - n_pred  # sentence length N
         n_kv = T - n_pred  # content stream rows = keys/values
@@ -549,8 +580,7 @@ class MPNext(nn.Module):
         allowed = mask_fn(n, n_pred, kind).to(x.device)[None, None]  # (1, 1, T, n_kv)
         key_pad = input_ids[:, :n_kv] == self.cfg.pad_id  # padding is never a key
         allowed = allowed & ~key_pad[:, None, None, :]  # (B, 1, T, n_kv)
-        bias = self.attention_bias(positions, positions[:, :n_kv], allowed, self._compute_dtype(x))
-        return self.run_blocks(x, bias, n_kv)
+        return self.layers(x, positions, positions[:, :n_kv], allowed, rows)
 
     def two_stream(self, input_ids, positions, n_pred, kind="mpnet"):
         self._check_length(input_ids.shape[1] - (2 if kind == "mpnet" else 1) * n_pred)  # a layout without fillers
@@ -568,17 +598,19 @@ class MPNext(nn.Module):
         losses, metrics = {}, {}
         if "rtd_targets" in batch:  # ELECTRA: the generator's samples go into the input, labels say where
             ids, replaced = self.replace_tokens(batch, losses, metrics)
-        if kind in ("mlm", "cls"):
-            h = self.encode(ids, batch.get("attention_mask"))  # (B, N, D)
-        else:
-            P = batch["targets"].shape[1]
-            h = self.two_stream_encode(ids, batch["positions"], P, kind)  # (B, T, D), query rows last
+        rows, P = None, 0  # the rows of the LM loss: the masked rows (mlm) or the query stream, (B, P)
         if "targets" in batch:  # the objective's own LM loss (absent only for ELECTRA's discriminator)
-            if kind == "mlm":  # sparse prediction: the head runs on the P masked rows only
-                rows = h.gather(1, batch["pred_positions"][..., None].expand(-1, -1, h.size(-1)))
-            else:
-                rows = h[:, -P:]  # the query stream
-            losses["lm"], metrics["acc"] = token_loss(self.lm_head(rows), batch["targets"])
+            B, T, P = *ids.shape, batch["targets"].shape[1]
+            rows = batch["pred_positions"] if kind == "mlm" else torch.arange(T - P, T, device=ids.device).expand(B, -1)
+        # no other loss reads a row: the top layer computes the P rows alone (a quarter less work with 4 layers)
+        top = None if {"rtd_targets", "labels", "sbo_targets"} & batch.keys() or self.cfg.return_mlm else rows
+        if kind in ("mlm", "cls"):
+            h = self.encode(ids, batch.get("attention_mask"), top)  # (B, N, D), or (B, P, D) of the rows
+        else:
+            h = self.two_stream_encode(ids, batch["positions"], P, kind, top)  # (B, T, D) query rows last, or (B, P, D)
+        if rows is not None:
+            out = h if top is not None else h.gather(1, rows[..., None].expand(-1, -1, h.size(-1)))  # (B, P, D)
+            losses["lm"], metrics["acc"] = token_loss(self.lm_head(out), batch["targets"])
             if kind == "mpnet" and self.cfg.return_mlm:  # the mask-copy rows see exactly BERT's MLM context
                 losses["return_mlm"], _ = token_loss(self.lm_head(h[:, -2 * P:-P]), batch["targets"])
         if "rtd_targets" in batch:  # the discriminator scores the rows of rtd_scored (Sec. 6 says which)
@@ -612,8 +644,7 @@ class MPNext(nn.Module):
         without grad: no gradient of the discriminator loss reaches the generator. A token counts as replaced only
         where x^ differs from the original (ELECTRA: "moderately improved" results)."""
         gen, targets, slots = self.generator, batch["rtd_targets"], batch["rtd_slots"]
-        h = gen.encode(batch["gen_ids"], batch["gen_attention_mask"])
-        h = h.gather(1, batch["rtd_positions"][..., None].expand(-1, -1, h.size(-1)))  # (B, R, D_G)
+        h = gen.encode(batch["gen_ids"], batch["gen_attention_mask"], batch["rtd_positions"])  # (B, R, D_G)
         logits = gen.lm_head(h).float()  # (B, R, V)
         losses["gen"], metrics["gen_acc"] = token_loss(logits, targets)
         with torch.no_grad():

@@ -74,17 +74,22 @@ def test_relative_bucket_closed_form():
     assert b == [0, 16 + 3, 3, 10, 15, 16 + 10, 31]
 
 
-def test_bucket_bias_equals_embedding_lookup_and_its_gradient():
-    """The bias lookup with its bincount backward matches nn.Embedding, value and gradient."""
-    table = torch.randn(32, 4, dtype=torch.float64, requires_grad=True)
-    bucket = torch.randint(0, 32, (3, 17, 11), generator=gen(0))
-    grad = torch.randn(3, 17, 11, 4, dtype=torch.float64, generator=gen(1)).permute(0, 3, 1, 2)  # a strided grad,
-    ours = mpnext.BucketBias.apply(table, bucket).permute(0, 3, 1, 2)  # as attention_bias hands it back
-    ref = F.embedding(bucket, table).permute(0, 3, 1, 2)
+def test_attention_bias_equals_the_bucket_lookup_and_its_gradient():
+    """The per-distance lookup with its bincount backward gives what nn.Embedding gives on relative_bucket's buckets,
+    masked: value and gradient, for permuted positions and distances beyond rel_max_distance."""
+    model = MPNext(tiny_cfg(max_len=300, n_head=4)).double()
+    q_pos = torch.stack([torch.randperm(300, generator=gen(s))[:17] for s in range(3)])  # (3, 17)
+    k_pos = torch.stack([torch.randperm(300, generator=gen(s + 5))[:11] for s in range(3)])  # (3, 11)
+    allowed = torch.rand(3, 1, 17, 11, generator=gen(2)) > 0.3
+    ours = model.attention_bias(q_pos, k_pos, allowed, torch.float64)  # (4 heads, 3, 17, 11)
+    ref = F.embedding(relative_bucket(q_pos, k_pos), model.rel_bias.weight).permute(3, 0, 1, 2)
+    ref = ref.masked_fill(~allowed[:, 0], torch.finfo(torch.float64).min)
     assert torch.equal(ours, ref)
-    g_ours, = torch.autograd.grad(ours, table, grad)
-    g_ref, = torch.autograd.grad(ref, table, grad)
-    assert torch.allclose(g_ours, g_ref, atol=1e-12, rtol=0)
+    grad = torch.randn(3, 17, 11, 4, dtype=torch.float64, generator=gen(1)).permute(3, 0, 1, 2)  # a strided grad
+    g_ours, = torch.autograd.grad(ours, model.rel_bias.weight, grad)
+    g_ref, = torch.autograd.grad(ref, model.rel_bias.weight, grad)
+    assert torch.allclose(g_ours, g_ref, atol=1e-12, rtol=0) and g_ref.abs().sum() > 0
+
 
 def test_local_bias_init_closed_form():
     cfg = tiny_cfg(n_head=4)
@@ -177,6 +182,56 @@ def test_changing_predicted_token_k_only_reaches_later_queries(kind):
                 assert torch.equal(h0[:, N:N + P], h1[:, N:N + P]), "mask-copy rows saw predicted content"
 
 
+@pytest.mark.parametrize("kind,pre_ln", [("mpnet", False), ("plm", False), ("mlm", False), ("mpnet", True)])
+def test_top_layer_on_the_loss_rows_alone_equals_the_full_stack(kind, pre_ln):
+    """When only the LM loss reads the output, the last layer computes the P loss rows alone (their keys and values
+    still come from every content row): the loss and every gradient equal those of the full stack, padding included."""
+    cfg = tiny_cfg(n_layer=3, pre_ln=pre_ln, objective=kind)
+    model = MPNext(cfg).double()
+    ids = random_ids(3, 20, cfg=cfg)
+    ids[1, 14:] = cfg.pad_id
+    batch = make_batch(ids, cfg, gen(1))
+    ids, P = batch["input_ids"], batch["targets"].shape[1]
+    loss, _ = model.loss(batch)
+    if kind == "mlm":  # the reference: every row through every layer, then the loss rows
+        h = model.encode(ids, batch.get("attention_mask"))
+        h = h.gather(1, batch["pred_positions"][..., None].expand(-1, -1, h.size(-1)))
+    else:
+        h = model.two_stream_encode(ids, batch["positions"], P, kind)[:, -P:]
+    ref, _ = mpnext.token_loss(model.lm_head(h), batch["targets"])
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    assert torch.allclose(loss, ref, atol=1e-12, rtol=0)
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None) and (g is None or torch.allclose(g, r, atol=1e-12, rtol=0))
+
+
+def test_cpu_attention_equals_sdpa_with_dropout_off_and_on():
+    """On a CPU the attention runs as baddbmm + softmax + bmm (faster than SDPA's fallback there); on other devices
+    through SDPA. Both give the same output and gradients, for a bias shared by the batch and one per row."""
+    cfg = tiny_cfg(n_head=4)
+    attn = mpnext.SelfAttention(cfg).double()
+    xq, xkv = torch.randn(3, 7, 32, dtype=torch.float64), torch.randn(3, 5, 32, dtype=torch.float64)
+    for bias in (torch.randn(4, 1, 7, 5, dtype=torch.float64), torch.randn(4, 3, 7, 5, dtype=torch.float64)):
+        bias.requires_grad_(True)
+        w, b = attn.qkv.weight, attn.qkv.bias
+        q, k, v = (t.view(3, -1, 4, 8).transpose(1, 2) for t in (F.linear(xq, w[:32], b[:32]),
+                                                                  F.linear(xkv, w[32:64], b[32:64]),
+                                                                  F.linear(xkv, w[64:], b[64:])))
+        ref = attn.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=bias.transpose(0, 1))
+                        .transpose(1, 2).reshape(3, 7, 32))
+        ours = attn(xq, xkv, bias)
+        assert torch.allclose(ours, ref, atol=1e-12, rtol=0)
+        g = torch.randn_like(ref)
+        for a, r in zip(torch.autograd.grad(ours, [bias, w], g), torch.autograd.grad(ref, [bias, w], g)):
+            assert torch.allclose(a, r, atol=1e-12, rtol=0)
+    attn.attn_dropout = 0.5
+    attn.train()
+    torch.manual_seed(0)
+    dropped = attn(xq, xkv, bias)
+    assert not torch.allclose(dropped, ours) and torch.isfinite(dropped).all()
+
+
 def test_query_gradient_never_reaches_own_content():
     """Gradient version of the leak test: d(query k output)/d(embedding of row p_k) == 0 for every k."""
     cfg = tiny_cfg()
@@ -185,9 +240,7 @@ def test_query_gradient_never_reaches_own_content():
     ids, pos, P = batch["input_ids"], batch["positions"], batch["targets"].shape[1]
     N = ids.shape[1] - 2 * P
     x = model.embed(ids, pos).detach().requires_grad_(True)
-    allowed = two_stream_mask(N, P)[None, None]
-    bias = model.attention_bias(pos, pos[:, :N + P], allowed, torch.float32)
-    out = model.run_blocks(x, bias, N + P)
+    out = model.layers(x, pos, pos[:, :N + P], two_stream_mask(N, P)[None, None])
     w = torch.randn(cfg.d_model, generator=gen(1))  # a random readout (a plain sum of a LayerNorm output is constant)
     for k in range(P):
         g, = torch.autograd.grad(out[0, N + P + k] @ w, x, retain_graph=True)
