@@ -243,7 +243,8 @@ def render_masks(n, p, kind="mpnet"):
 #
 # One attention call serves both streams: queries are all T rows (content + query stream), keys and values are the
 # first `n_kv` rows (the content stream). The block mask of Sec. 4 and the relative bias are folded into one additive
-# mask computed once per forward. In the natural-order path n_kv = T and the mask is the bias plus key padding.
+# mask (H, B, T, n_kv) computed once per forward. In the natural-order path n_kv = T and the mask is the bias plus key
+# padding, one (H, 1, T, T) for the batch. The top layer may compute only the rows a loss reads (MPNext.layers).
 
 
 class SelfAttention(nn.Module):
