@@ -28,8 +28,8 @@ Reading guide (small pieces first, the model last):
     9. schedules .......... warmup + linear / cosine decay
 
 Shapes: B batch, N tokens of a sentence, P predicted tokens (per row at most), C = N - P, W non-predicted slots,
-T rows fed to the encoder, R replaced tokens (ELECTRA), H heads, hs head size, D = d_model, E embedding width,
-V vocabulary.
+T rows fed to the encoder, S rows that are keys and values (the content stream), R replaced tokens (ELECTRA) or
+selected rows, H heads, hs head size, D = d_model, E embedding width, V vocabulary, L = max_len.
 """
 
 import json
@@ -122,8 +122,8 @@ ACTIVATIONS = {"gelu": F.gelu, "mish": mish}  # F.gelu is the exact erf form, as
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. Relative position bias (MPNet uses T5's bucketed scalar bias, arXiv 1910.10683 Sec. 2.1)
 #
-# One table of `rel_buckets x n_head` scalars, computed once per forward and added to the attention logits of every
-# layer. The distance is taken between ORIGINAL positions, so a permuted sequence sees the same bias as the sentence in
+# One table of `rel_buckets x n_head` scalars, added to the attention logits of every layer. Each forward expands it
+# to one column per distance (-L..L, L = max_len) and reads every query-key pair's distance from there. The distance is taken between ORIGINAL positions, so a permuted sequence sees the same bias as the sentence in
 # natural order: that is what lets the two-stream encoder move tokens around freely (spec mpnet.md Sec. 2.2).
 
 
@@ -145,9 +145,10 @@ def relative_bucket(q_pos, k_pos, n_buckets=32, max_distance=128):
 class DistanceBias(torch.autograd.Function):
     """table[:, index] in `dtype`: (H, ..) from a per-distance table (H, K) and integer indices (..), with the table's
     gradient as one weighted histogram (bincount) per head, summed in fp32. Same sums as autograd's indexing, different
-    speed: its backward sorts the indices first (37 ms of a 2-core CPU step, tiny MPNet batch of 32 x 128, against
-    4 ms here), and a scatter_add into a few columns serialises on atomic adds on a GPU (52% of a `base` MPNet step at
-    seq 512 on an H100), where bincount sums each block's share in shared memory first."""
+    speed. Measured on the per-bucket table this replaced: an indexing backward sorts the indices first (37 ms of a
+    2-core CPU step, tiny MPNet batch of 32 x 128, against 4 ms with bincount), and a scatter_add into the columns
+    serialises on atomic adds on a GPU (52% of a `base` MPNet step at seq 512 on an H100), where bincount sums each
+    block's share in shared memory first."""
 
     @staticmethod
     def forward(ctx, table, index, dtype):
@@ -243,8 +244,17 @@ def render_masks(n, p, kind="mpnet"):
 #
 # One attention call serves both streams: queries are all T rows (content + query stream), keys and values are the
 # first `n_kv` rows (the content stream). The block mask of Sec. 4 and the relative bias are folded into one additive
-# mask (H, B, T, n_kv) computed once per forward. In the natural-order path n_kv = T and the mask is the bias plus key
-# padding, one (H, 1, T, T) for the batch. The top layer may compute only the rows a loss reads (MPNext.layers).
+# mask (H, B, T, n_kv), heads first. In the natural-order path n_kv = T and the mask is the bias plus key padding: one
+# (H, 1, T, T) for the batch when nothing is padded. The top layer may compute only the rows a loss reads
+# (MPNext.run_layers), with its own bias for those rows.
+
+
+EXPLICIT_CPU_ATTENTION = True  # False: SDPA on a CPU too (the tests compare both)
+
+
+def gather_rows(h, rows):
+    """h (B, T, D) at rows (B, R) -> (B, R, D)."""
+    return h.gather(1, rows[..., None].expand(-1, -1, h.size(-1)))
 
 
 class SelfAttention(nn.Module):
@@ -264,18 +274,20 @@ class SelfAttention(nn.Module):
         w, b = self.qkv.weight, self.qkv.bias
         q = F.linear(xq, w[:D], b[:D]).view(B, T, H, hs)
         k, v = F.linear(xkv, w[D:], b[D:]).view(B, S, 2, H, hs).unbind(2)  # (B, S, H, hs) each
-        p_drop = self.attn_dropout if self.training else 0.0
-        if q.device.type != "cpu":  # CUDA's memory-efficient kernel takes the bias and returns its gradient
+        if q.device.type != "cpu" or not EXPLICIT_CPU_ATTENTION:  # CUDA's kernels take the bias and its gradient
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, rows, hs)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.transpose(0, 1), dropout_p=p_drop)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.transpose(0, 1),
+                                               dropout_p=self.attn_dropout if self.training else 0.0)
             return self.proj(y.transpose(1, 2).reshape(B, T, D))
-        # SDPA's CPU fallback for a bias with a gradient is slower (README, Speed): the same steps, heads outermost
-        # so that the bias is a view (a copy when it is shared by the batch, as in natural order)
+        # On a CPU, SDPA runs a bias that needs a gradient on its fallback path, which upcasts bf16 to fp32 and checks
+        # every row for being fully masked: the three steps below take 25% less time in bf16 (README, Speed). Heads
+        # outermost, so that a per-row bias (two streams) is a view; a bias shared by the batch is copied.
         q, k, v = (t.permute(2, 0, 1, 3).reshape(H * B, -1, hs) for t in (q, k, v))  # (H * B, rows, hs)
         # softmax(q k^T / sqrt(hs) + bias + mask) v, the bias added by the matmul         # Vaswani et al. Eq. (1)
         scores = torch.baddbmm(attn_bias.expand(H, B, T, S).reshape(H * B, T, S), q, k.transpose(1, 2),
                                alpha=hs ** -0.5)  # (H * B, T, S)
-        y = torch.bmm(F.dropout(scores.softmax(-1), p_drop), v).view(H, B, T, hs)
+        p = F.dropout(scores.softmax(-1), self.attn_dropout, self.training)
+        y = torch.bmm(p, v).view(H, B, T, hs)
         return self.proj(y.permute(1, 2, 0, 3).reshape(B, T, D))  # (B, T, D)
 
 
@@ -298,7 +310,7 @@ class Block(nn.Module):
         return self.drop(self.fc2(self.act(self.fc1(x))))
 
     def forward(self, x, attn_bias, n_kv, rows=None):
-        pick = (lambda t: t) if rows is None else (lambda t: t.gather(1, rows[..., None].expand(-1, -1, t.size(-1))))
+        pick = (lambda h: h) if rows is None else (lambda h: gather_rows(h, rows))
         if self.pre_ln:
             h = self.ln1(x)
             x = pick(x) + self.drop(self.attn(pick(h), h[:, :n_kv], attn_bias))
@@ -511,15 +523,16 @@ class MPNext(nn.Module):
         index = q_pos[..., :, None] - k_pos[..., None, :] + L  # (B or 1, Tq, Tk): column of the distance q - k
         return DistanceBias.apply(table, torch.where(allowed[:, 0], index, 2 * L + 1), dtype)
 
-    def layers(self, x, q_pos, k_pos, allowed, rows=None):
+    def run_layers(self, x, q_pos, k_pos, allowed, rows=None):
         """The blocks over the embedded rows x (B, T, D): queries at positions q_pos (B or 1, T), keys and values the
         first k_pos.shape[1] rows, attention allowed where `allowed` (B or 1, 1, T, n_kv). With `rows` (B, R), the
         hidden states of those rows only (B, R, D): the last layer computes nothing else, since a row no loss reads
         is needed below the top only as a key and value (MPNet: the query rows; MLM: the masked ones)."""
         dtype, n_kv = self._compute_dtype(x), k_pos.shape[1]
-        bias = self.attention_bias(q_pos, k_pos, allowed, dtype)
-        *below, top = self.blocks
-        for block in below if rows is not None else self.blocks:
+        *below, top = self.blocks if rows is not None else (*self.blocks, None)
+        if below:
+            bias = self.attention_bias(q_pos, k_pos, allowed, dtype)
+        for block in below:
             x = block(x, bias, n_kv)
         if rows is None:
             return self.ln_f(x)
@@ -555,7 +568,7 @@ class MPNext(nn.Module):
         if attention_mask is not None:
             allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): mask padded keys
         ar = torch.arange(T, device=x.device)[None]
-        return self.layers(x, ar, ar, allowed, rows)
+        return self.run_layers(x, ar, ar, allowed, rows)
 
     def forward(self, input_ids, attention_mask=None):
         return self.lm_head(self.encode(input_ids, attention_mask))  # (B, T, V)
@@ -581,7 +594,7 @@ class MPNext(nn.Module):
         allowed = mask_fn(n, n_pred, kind).to(x.device)[None, None]  # (1, 1, T, n_kv)
         key_pad = input_ids[:, :n_kv] == self.cfg.pad_id  # padding is never a key
         allowed = allowed & ~key_pad[:, None, None, :]  # (B, 1, T, n_kv)
-        return self.layers(x, positions, positions[:, :n_kv], allowed, rows)
+        return self.run_layers(x, positions, positions[:, :n_kv], allowed, rows)
 
     def two_stream(self, input_ids, positions, n_pred, kind="mpnet"):
         self._check_length(input_ids.shape[1] - (2 if kind == "mpnet" else 1) * n_pred)  # a layout without fillers
@@ -603,14 +616,16 @@ class MPNext(nn.Module):
         if "targets" in batch:  # the objective's own LM loss (absent only for ELECTRA's discriminator)
             B, T, P = *ids.shape, batch["targets"].shape[1]
             rows = batch["pred_positions"] if kind == "mlm" else torch.arange(T - P, T, device=ids.device).expand(B, -1)
-        # no other loss reads a row: the top layer computes the P rows alone (a quarter less work with 4 layers)
-        top = None if {"rtd_targets", "labels", "sbo_targets"} & batch.keys() or self.cfg.return_mlm else rows
+        # when no other loss reads a row, the top layer computes the P rows alone (a fifth less work with 4 layers)
+        need_all_rows = any(k in batch for k in ("rtd_targets", "labels", "sbo_targets")) or (
+            kind == "mpnet" and self.cfg.return_mlm)
+        top_rows = None if need_all_rows else rows
         if kind in ("mlm", "cls"):
-            h = self.encode(ids, batch.get("attention_mask"), top)  # (B, N, D), or (B, P, D) of the rows
-        else:
-            h = self.two_stream_encode(ids, batch["positions"], P, kind, top)  # (B, T, D) query rows last, or (B, P, D)
+            h = self.encode(ids, batch.get("attention_mask"), top_rows)  # (B, N, D), or (B, P, D) of the rows
+        else:  # (B, T, D) with the query rows last, or (B, P, D)
+            h = self.two_stream_encode(ids, batch["positions"], P, kind, top_rows)
         if rows is not None:
-            out = h if top is not None else h.gather(1, rows[..., None].expand(-1, -1, h.size(-1)))  # (B, P, D)
+            out = h if top_rows is not None else gather_rows(h, rows)  # (B, P, D)
             losses["lm"], metrics["acc"] = token_loss(self.lm_head(out), batch["targets"])
             if kind == "mpnet" and self.cfg.return_mlm:  # the mask-copy rows see exactly BERT's MLM context
                 losses["return_mlm"], _ = token_loss(self.lm_head(h[:, -2 * P:-P]), batch["targets"])
@@ -630,8 +645,7 @@ class MPNext(nn.Module):
             losses["cls"] = F.cross_entropy(logits, batch["labels"])
             metrics["acc"] = (logits.argmax(-1) == batch["labels"]).float().mean()
         if "sbo_targets" in batch:  # boundaries are rows that never saw the span (section 6, span_boundaries)
-            rows = [h.gather(1, batch[k][..., None].expand(-1, -1, h.size(-1))) for k in ("sbo_left", "sbo_right")]
-            y = self.sbo(*rows, batch["sbo_offset"])
+            y = self.sbo(gather_rows(h, batch["sbo_left"]), gather_rows(h, batch["sbo_right"]), batch["sbo_offset"])
             logits = F.linear(y, self.tok_emb.weight, self.sbo.bias)  # tied decoder, own bias
             losses["sbo"], metrics["sbo_acc"] = token_loss(logits, batch["sbo_targets"])
         total = sum(v * (disc_weight(self.cfg, kind) if k == "disc" else 1.0) for k, v in losses.items())

@@ -182,17 +182,22 @@ def test_changing_predicted_token_k_only_reaches_later_queries(kind):
                 assert torch.equal(h0[:, N:N + P], h1[:, N:N + P]), "mask-copy rows saw predicted content"
 
 
-@pytest.mark.parametrize("kind,pre_ln", [("mpnet", False), ("plm", False), ("mlm", False), ("mpnet", True)])
-def test_top_layer_on_the_loss_rows_alone_equals_the_full_stack(kind, pre_ln):
+@pytest.mark.parametrize("kind,pre_ln,n_layer", [("mpnet", False, 3), ("plm", False, 3), ("mlm", False, 3),
+                                                 ("mpnet", True, 3), ("mpnet", False, 1)])
+def test_top_layer_on_the_loss_rows_alone_equals_the_full_stack(kind, pre_ln, n_layer):
     """When only the LM loss reads the output, the last layer computes the P loss rows alone (their keys and values
     still come from every content row): the loss and every gradient equal those of the full stack, padding included."""
-    cfg = tiny_cfg(n_layer=3, pre_ln=pre_ln, objective=kind)
+    cfg = tiny_cfg(n_layer=n_layer, pre_ln=pre_ln, objective=kind)
     model = MPNext(cfg).double()
     ids = random_ids(3, 20, cfg=cfg)
     ids[1, 14:] = cfg.pad_id
     batch = make_batch(ids, cfg, gen(1))
     ids, P = batch["input_ids"], batch["targets"].shape[1]
+    top_shapes = []
+    hook = model.blocks[-1].register_forward_hook(lambda m, args, out: top_shapes.append(out.shape))
     loss, _ = model.loss(batch)
+    hook.remove()
+    assert top_shapes == [(3, P, cfg.d_model)]  # the fast path ran
     if kind == "mlm":  # the reference: every row through every layer, then the loss rows
         h = model.encode(ids, batch.get("attention_mask"))
         h = h.gather(1, batch["pred_positions"][..., None].expand(-1, -1, h.size(-1)))
@@ -206,30 +211,44 @@ def test_top_layer_on_the_loss_rows_alone_equals_the_full_stack(kind, pre_ln):
         assert (g is None) == (r is None) and (g is None or torch.allclose(g, r, atol=1e-12, rtol=0))
 
 
-def test_cpu_attention_equals_sdpa_with_dropout_off_and_on():
+def test_cpu_attention_equals_the_sdpa_branch(monkeypatch):
     """On a CPU the attention runs as baddbmm + softmax + bmm (faster than SDPA's fallback there); on other devices
-    through SDPA. Both give the same output and gradients, for a bias shared by the batch and one per row."""
-    cfg = tiny_cfg(n_head=4)
-    attn = mpnext.SelfAttention(cfg).double()
+    through SDPA. Both branches give the same output and gradients, for a bias shared by the batch and one per row;
+    dropout on the attention probabilities changes the output and stays finite."""
+    attn = mpnext.SelfAttention(tiny_cfg(n_head=4)).double()
     xq, xkv = torch.randn(3, 7, 32, dtype=torch.float64), torch.randn(3, 5, 32, dtype=torch.float64)
     for bias in (torch.randn(4, 1, 7, 5, dtype=torch.float64), torch.randn(4, 3, 7, 5, dtype=torch.float64)):
         bias.requires_grad_(True)
-        w, b = attn.qkv.weight, attn.qkv.bias
-        q, k, v = (t.view(3, -1, 4, 8).transpose(1, 2) for t in (F.linear(xq, w[:32], b[:32]),
-                                                                  F.linear(xkv, w[32:64], b[32:64]),
-                                                                  F.linear(xkv, w[64:], b[64:])))
-        ref = attn.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=bias.transpose(0, 1))
-                        .transpose(1, 2).reshape(3, 7, 32))
-        ours = attn(xq, xkv, bias)
-        assert torch.allclose(ours, ref, atol=1e-12, rtol=0)
-        g = torch.randn_like(ref)
-        for a, r in zip(torch.autograd.grad(ours, [bias, w], g), torch.autograd.grad(ref, [bias, w], g)):
-            assert torch.allclose(a, r, atol=1e-12, rtol=0)
+        outs = {}
+        for explicit in (True, False):
+            monkeypatch.setattr(mpnext, "EXPLICIT_CPU_ATTENTION", explicit)
+            y = attn(xq, xkv, bias)
+            outs[explicit] = (y, *torch.autograd.grad(y, [bias, attn.qkv.weight], torch.ones_like(y) + y.detach()))
+        for ours, ref in zip(outs[True], outs[False]):
+            assert torch.allclose(ours, ref, atol=1e-12, rtol=0)
+    monkeypatch.setattr(mpnext, "EXPLICIT_CPU_ATTENTION", True)
     attn.attn_dropout = 0.5
     attn.train()
     torch.manual_seed(0)
     dropped = attn(xq, xkv, bias)
-    assert not torch.allclose(dropped, ours) and torch.isfinite(dropped).all()
+    assert not torch.allclose(dropped, outs[True][0]) and torch.isfinite(dropped).all()
+
+
+@pytest.mark.parametrize("objective", ["mpnet", "mlm"])
+def test_bf16_autocast_loss_is_finite_and_tracks_fp32(objective):
+    """Under CPU bf16 autocast (the default where the CPU has bf16 matmuls) the loss of a padded batch stays finite and
+    within 2% of fp32's, and every parameter gets a finite gradient."""
+    cfg = tiny_cfg(n_layer=3, objective=objective)
+    model = MPNext(cfg)
+    ids = random_ids(4, 24, cfg=cfg)
+    ids[2, 15:] = cfg.pad_id
+    batch = make_batch(ids, cfg, gen(2))
+    ref, _ = model.loss(batch)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss, _ = model.loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and abs(loss.item() - ref.item()) < 0.02 * ref.item()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_query_gradient_never_reaches_own_content():
@@ -240,7 +259,7 @@ def test_query_gradient_never_reaches_own_content():
     ids, pos, P = batch["input_ids"], batch["positions"], batch["targets"].shape[1]
     N = ids.shape[1] - 2 * P
     x = model.embed(ids, pos).detach().requires_grad_(True)
-    out = model.layers(x, pos, pos[:, :N + P], two_stream_mask(N, P)[None, None])
+    out = model.run_layers(x, pos, pos[:, :N + P], two_stream_mask(N, P)[None, None])
     w = torch.randn(cfg.d_model, generator=gen(1))  # a random readout (a plain sum of a LayerNorm output is constant)
     for k in range(P):
         g, = torch.autograd.grad(out[0, N + P + k] @ w, x, retain_graph=True)
