@@ -1958,6 +1958,12 @@ def test_compare_writes_the_table_and_skips_finished_cells(tmp_path, capsys):
     rows2, _ = train.compare(argv)  # a rerun does nothing but redraw the table
     assert len(rows2) == 6 and "===" not in capsys.readouterr().out
     assert len((tmp_path / "cmp" / "results.csv").read_text().strip().splitlines()) == 7
+    assert train.main(["compare", *argv[:-6], "--max-steps", "4", "--eval-every", "4"]) == 2  # another budget
+    assert "holds results of other pre-training" in capsys.readouterr().err
+    _, pretrain, *_ = train.compare_args(["--tasks", task, "--out-dir", str(tmp_path / "cmp2"), "--data", corpus])
+    tc = train.TrainConfig()  # the budget is written out, so a later change of a default cannot alter a grid
+    assert pretrain[2:] == ["--max-steps", str(tc.max_steps), "--batch-size", str(tc.batch_size), "--seq-len",
+                            str(tc.seq_len)]
 
 
 def test_finetune_skips_non_finite_steps_and_stops_when_they_persist(tmp_path, monkeypatch, capsys):

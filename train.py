@@ -1054,9 +1054,12 @@ def compare_args(argv):
     check_out_dir(args.out_dir, "--out-dir")
     if len(set(specs)) < len(specs):
         raise ValueError(f"--cells/--grid: a cell appears twice ({specs}); remove the duplicate")
-    set_here = parse_args(pretrain)[0].keys() & COMPARE_SETS
-    if set_here:
-        raise ValueError(f"compare sets {sorted(set_here)} of each run itself (seeds 0..--seeds-1); drop them")
+    given = parse_args(pretrain)[0].keys()
+    if given & COMPARE_SETS:
+        raise ValueError(f"compare sets {sorted(given & COMPARE_SETS)} of each run itself (seeds 0..--seeds-1); drop them")
+    for name in ("max_steps", "batch_size", "seq_len"):  # the budget written out: a later default cannot change it
+        if name not in given:
+            pretrain = pretrain + ["--" + name.replace("_", "-"), str(getattr(TrainConfig, name))]
     grid = [(spec or "default", flags(spec)) for spec in specs]
     for cell, extra in grid:  # every cell's command line must pass its checks before hours of work start
         train_args, model_args = parse_args(pretrain + extra)
