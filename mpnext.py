@@ -529,13 +529,14 @@ class MPNext(nn.Module):
         hidden states of those rows only (B, R, D): the last layer computes nothing else, since a row no loss reads
         is needed below the top only as a key and value (MPNet: the query rows; MLM: the masked ones)."""
         dtype, n_kv = self._compute_dtype(x), k_pos.shape[1]
-        *below, top = self.blocks if rows is not None else (*self.blocks, None)
-        if below:
+        below = self.blocks if rows is None else self.blocks[:-1]
+        if len(below):
             bias = self.attention_bias(q_pos, k_pos, allowed, dtype)
         for block in below:
             x = block(x, bias, n_kv)
         if rows is None:
             return self.ln_f(x)
+        top = self.blocks[-1]
         B = rows.shape[0]
         allowed = allowed.expand(B, -1, -1, -1).gather(2, rows[:, None, :, None].expand(-1, 1, -1, n_kv))
         bias = self.attention_bias(q_pos.expand(B, -1).gather(1, rows), k_pos, allowed, dtype)  # (H, B, R, n_kv)

@@ -1317,7 +1317,9 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None, 
         return seconds, 3 * counter.get_total_flops(), peak_mb
 
     def build_seconds(vcfg):
-        def build(g=torch.Generator().manual_seed(1)):
+        g = torch.Generator().manual_seed(1)
+
+        def build():
             block, word_starts = train_b.sample(g)
             mpnext.make_batch(block, vcfg, g, word_starts)
         return fastest(build, steps, sync)
