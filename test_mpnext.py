@@ -1239,7 +1239,7 @@ def test_benchmark_mode_reports_side_by_side(tmp_path, capsys):
     assert (tmp_path / "out" / "benchmark" / "tokenizer.json").exists()
     out = capsys.readouterr().out
     assert "tokenizer |" in out and "MB/s" in out
-    assert "float32: measured matmul peak" in out
+    assert "float32: matmul peak measured beside each step" in out
     for recipe in ("mlm", "plm", "mpnet", "mlm+rtd", "mpnet+rtd", "mpnet+span+sbo"):
         row = next(line for line in out.splitlines() if line.strip().startswith(f"MPNext {recipe} "))
         assert "ms/step" in row and "of peak" in row and "build" in row and "GFLOP" in row
