@@ -1217,7 +1217,8 @@ def compare_plot(out_dir, rows, cells, cols):
     for cell in cells:
         log = os.path.join(out_dir, "runs", f"{slug(cell)}-s0", "log.jsonl")
         evals = [json.loads(line) for line in open(log) if '"val_mlm_loss"' in line] if os.path.exists(log) else []
-        a.plot([e["step"] for e in evals], [e["val_mlm_loss"] for e in evals], label=cell)
+        if evals:  # random init and classic ELECTRA have no curve
+            a.plot([e["step"] for e in evals], [e["val_mlm_loss"] for e in evals], label=cell)
     a.set(xlabel="pre-training step", ylabel="val_mlm_loss", title="validation MLM loss (seed 0)")
     a.legend(fontsize=7)
     height, lowest = 0.8 / len(cols), 100.0
