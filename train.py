@@ -163,7 +163,8 @@ def native_bf16(device):
 
 def pick_dtype(name, device):
     """auto: bf16 autocast where the hardware has bf16 matmuls (on a 2-core AVX-512 BF16 EPYC, the default run ends
-    at val_loss 3.88 against fp32's 3.876, its MPNet step 0.55x as long); fp16 + loss scaling on older GPUs; else fp32."""
+    at val_loss 3.88 against fp32's 3.876, its MPNet step 0.55x as long); fp16 + loss scaling on older GPUs; else
+    fp32."""
     if name == "auto":
         if native_bf16(device):
             return torch.bfloat16
