@@ -609,6 +609,11 @@ def _dedup(texts, labels, where):
     return out
 
 
+def _take(split, idx):
+    """(texts, labels) at the indices idx."""
+    return [split[0][i] for i in idx], [split[1][i] for i in idx]
+
+
 def _stratified(labels, fractions, rng):
     """Index lists, one per fraction (the last takes the rest), each with every class in proportion."""
     by_class = defaultdict(list)
@@ -669,20 +674,17 @@ def load_task(path: str | None, seed=0, train_size=0, label_col="label", text_co
     named = {s: _dedup(*v, f"{path or name} ({s})") for s, v in named.items()}
     pooled = "all" in named
     if pooled:  # one pool: a seeded stratified split
-        texts, labels = named.pop("all")
-        idx = dict(zip(("train", "dev", "test"), _stratified(labels, [0.8, 0.1, 0.1], rng)))
-        named = {s: ([texts[i] for i in ix], [labels[i] for i in ix]) for s, ix in idx.items()}
+        pool = named.pop("all")
+        parts = _stratified(pool[1], [0.8, 0.1, 0.1], rng)
+        named = {s: _take(pool, ix) for s, ix in zip(("train", "dev", "test"), parts)}
     seen = set(named["train"][0])  # a dev/test text that also occurs in train would be a leak: dropped
     for s in ("dev", "test"):
         if s in named:
-            keep = [i for i, t in enumerate(named[s][0]) if t not in seen]
-            named[s] = [named[s][0][i] for i in keep], [named[s][1][i] for i in keep]
+            named[s] = _take(named[s], [i for i, t in enumerate(named[s][0]) if t not in seen])
     for s in ("dev", "test"):  # a split the directory lacks: 10% of train
         if s not in named:
-            texts, labels = named["train"]
-            rest, held = _stratified(labels, [0.9, 0.1], rng)
-            named["train"] = [texts[i] for i in rest], [labels[i] for i in rest]
-            named[s] = [texts[i] for i in held], [labels[i] for i in held]
+            rest, held = _stratified(named["train"][1], [0.9, 0.1], rng)
+            named["train"], named[s] = _take(named["train"], rest), _take(named["train"], held)
     label_names = sorted(set(named["train"][1]))
     if len(label_names) < 2:
         raise DataError(f"{path or name}: the training examples have a single class {label_names}; a classifier "
@@ -693,12 +695,11 @@ def load_task(path: str | None, seed=0, train_size=0, label_col="label", text_co
             raise DataError(f"{path or name}: {s} has label(s) {unseen[:5]} that never occur in train; fix the "
                             f"labels or add training examples")
     if train_size:
-        texts, labels = named["train"]
-        if train_size < len(label_names) or train_size > len(texts):
+        n = len(named["train"][0])
+        if train_size < len(label_names) or train_size > n:
             raise DataError(f"--train-size {train_size}: pick between {len(label_names)} (one per class) and "
-                            f"{len(texts)} (all training examples)")
-        keep = _subsample(labels, train_size, rng)
-        named["train"] = [texts[i] for i in keep], [labels[i] for i in keep]
+                            f"{n} (all training examples)")
+        named["train"] = _take(named["train"], _subsample(named["train"][1], train_size, rng))
     for s in SPLITS:
         if not named[s][0]:
             raise DataError(f"{path or name}: the {s} split is empty (too few examples per class); add examples")
