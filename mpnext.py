@@ -123,8 +123,9 @@ ACTIVATIONS = {"gelu": F.gelu, "mish": mish}  # F.gelu is the exact erf form, as
 # 3. Relative position bias (MPNet uses T5's bucketed scalar bias, arXiv 1910.10683 Sec. 2.1)
 #
 # One table of `rel_buckets x n_head` scalars, added to the attention logits of every layer. Each forward expands it
-# to one column per distance (-L..L, L = max_len) and reads every query-key pair's distance from there. The distance is taken between ORIGINAL positions, so a permuted sequence sees the same bias as the sentence in
-# natural order: that is what lets the two-stream encoder move tokens around freely (spec mpnet.md Sec. 2.2).
+# to one column per distance (-L..L, L = max_len) and reads every query-key pair's distance from there. The distance
+# is taken between ORIGINAL positions, so a permuted sequence sees the same bias as the sentence in natural order:
+# that is what lets the two-stream encoder move tokens around freely (spec mpnet.md Sec. 2.2).
 
 
 def relative_bucket(q_pos, k_pos, n_buckets=32, max_distance=128):

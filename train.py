@@ -1263,13 +1263,11 @@ def fastest(reps, sync, *fns):
 
 def matmul_peak(device, dtype, sync):
     """(a call, its FLOPs): the fastest of a few square matmuls in this dtype, to be timed beside each step."""
-    best = (0.0, None, 0)
-    for n in (1024, 2048, 4096, 8192) if device == "cuda" else (1024, 1536, 2048):
-        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-        fn = lambda a=a, b=b: a @ b  # noqa: E731
-        best = max(best, (2 * n**3 / fastest(5 if device == "cpu" else 20, sync, fn)[0], fn, 2 * n**3),
-                   key=lambda r: r[0])
-    return best[1:]
+    sizes = (1024, 2048, 4096, 8192) if device == "cuda" else (1024, 1536, 2048)
+    calls = [lambda a=torch.randn(n, n, device=device, dtype=dtype): a @ a for n in sizes]
+    seconds = fastest(5 if device == "cpu" else 20, sync, *calls)
+    n, call, _ = max(zip(sizes, calls, seconds), key=lambda r: r[0] ** 3 / r[2])
+    return call, 2 * n**3
 
 
 BENCH_VARIANTS = [dict(objective="mlm"), dict(objective="plm"), dict(objective="mpnet"), dict(objective="mlm", rtd=True),
@@ -1299,8 +1297,9 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None, 
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def measure(model, loss_fn, batch, autocast, peak_call):
-        """(seconds per step, model FLOPs per step, peak MB on CUDA, seconds of the peak call) of a training step."""
+    def measure(model, loss_fn, batch, autocast, peak):
+        """(seconds per step, model FLOPs per step, peak MB on CUDA, matmul peak FLOP/s timed in turns with it) of a
+        full training step; peak = (a matmul call, its FLOPs)."""
         model.to(device).train()
         batch = to_device(batch, device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -1318,9 +1317,9 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None, 
             opt.zero_grad(set_to_none=True)
 
         step()  # a second warm-up step (compilation may take two)
-        seconds, peak_seconds = fastest(steps, sync, step, peak_call)
+        seconds, peak_seconds = fastest(steps, sync, step, peak[0])
         peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-        return seconds, 3 * counter.get_total_flops(), peak_mb, peak_seconds
+        return seconds, 3 * counter.get_total_flops(), peak_mb, peak[1] / peak_seconds
 
     def build_seconds(vcfg):
         g = torch.Generator().manual_seed(1)
@@ -1341,7 +1340,7 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None, 
           f"fastest of {steps} steps{' | torch.compile' if tc.compile else ''} | model FLOPs = 3 x forward matmul FLOPs")
     for dtype in dtypes:
         autocast, name = autocast_for(device, dtype), str(dtype).split(".")[-1]
-        peak_call, peak_flop = matmul_peak(device, dtype, sync)
+        peak = matmul_peak(device, dtype, sync)
         rows = {}
         if only is None or "hf" in only:
             try:
@@ -1354,7 +1353,7 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None, 
                 labels = torch.full_like(ids, -100).scatter_(1, mlm["pred_positions"], mlm["targets"])  # fillers: -100
                 rows["HF MPNetForMaskedLM (mlm)"] = measure(
                     transformers.MPNetForMaskedLM(hc), lambda m, b: m(input_ids=b["ids"], labels=b["labels"]).loss,
-                    {"ids": mlm["input_ids"], "labels": labels}, autocast, peak_call) + (None,)
+                    {"ids": mlm["input_ids"], "labels": labels}, autocast, peak) + (None,)
             except ImportError:
                 print("  transformers is not installed: no HF reference row")
         for vcfg in variants:
@@ -1364,15 +1363,15 @@ def benchmark(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None, 
             except ValueError as e:  # e.g. a --seq-len too short for the replaced set
                 print(f"  MPNext {recipe(vcfg)}: skipped ({e})")
                 continue
-            rows[f"MPNext {recipe(vcfg)}"] = measure(model, lambda m, b: m.loss(b)[0], batch, autocast, peak_call
-                                                     ) + (build_seconds(vcfg),)
-        peaks = [peak_flop / r[3] / 1e9 for r in rows.values()]
+            rows[f"MPNext {recipe(vcfg)}"] = measure(model, lambda m, b: m.loss(b)[0], batch, autocast, peak) + (
+                build_seconds(vcfg),)
+        peaks = [r[3] / 1e9 for r in rows.values()]
         print(f"{name}: matmul peak measured beside each step {min(peaks, default=0):.0f}-{max(peaks, default=0):.0f} "
               f"GFLOP/s")
         ref, mlm_row = rows.get("HF MPNetForMaskedLM (mlm)"), rows.get("MPNext mlm")
-        for row, (sec, flops, peak_mb, peak_sec, build) in rows.items():
+        for row, (sec, flops, peak_mb, row_peak, build) in rows.items():
             cells = [f"{sec * 1e3:8.1f} ms/step", f"{ids.numel() / sec / 1e3:6.1f}k tok/s",
-                     f"{flops / 1e9:6.1f} GFLOP", f"{flops / sec / (peak_flop / peak_sec):4.0%} of peak"]
+                     f"{flops / 1e9:6.1f} GFLOP", f"{flops / sec / row_peak:4.0%} of peak"]
             cells += [f"build {build / (build + sec):4.1%}"] if build is not None else []
             cells += [f"{peak_mb:.0f} MB peak"] if peak_mb is not None else []
             cells += [f"{sec / mlm_row[0]:.2f}x MLM's time"] if mlm_row and row.startswith("MPNext") else []
