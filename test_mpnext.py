@@ -1966,6 +1966,39 @@ def test_compare_writes_the_table_and_skips_finished_cells(tmp_path, capsys):
                             str(tc.seq_len)]
 
 
+def test_compare_budgets_in_tokens_and_minutes(tmp_path, capsys):
+    corpus = toy_corpus(tmp_path / "corpus")
+    task = toy_task(tmp_path / "t.csv", n=120)
+    common = ["--seeds", "1", "--tasks", task, "--no-random", "--finetune", "--max-len 32", "--data", corpus,
+              *TINY_ARGS, "--samples", "0", "--eval-every", "1000", "--warmup-steps", "1"]
+    # equal tokens: a cell with half the sequence length gets twice the steps
+    rows, status = train.compare(["--grid", "seq_len=32,16", "--tokens", "1024", "--out-dir", str(tmp_path / "tok"),
+                                  *common])
+    assert status == 0 and len(rows) == 2
+    steps = [train.read_run(str(tmp_path / "tok" / "runs" / f"seq_len={n}-s0"))[0]["step"] for n in (32, 16)]
+    assert steps == [4, 8]  # 1024 tokens / (8 x 32), / (8 x 16)
+    assert "Budget: 1,024 tokens per cell (steps: seq_len=32 4, seq_len=16 8)" in (tmp_path / "tok" / "results.md"
+                                                                                   ).read_text()
+    # equal minutes: each cell's steps from its own timing run, kept in steps.json, so a rerun times nothing again
+    argv = ["--cells", "objective=mlm | objective=mpnet", "--minutes", "0.02", "--out-dir", str(tmp_path / "min"),
+            *common]
+    rows, status = train.compare(argv)
+    timed = json.loads((tmp_path / "min" / "steps.json").read_text())
+    assert status == 0 and set(timed) == {"objective=mlm", "objective=mpnet"} and all(n >= 1 for n in timed.values())
+    for cell, n in timed.items():
+        assert train.read_run(str(tmp_path / "min" / "runs" / f"{cell}-s0"))[0]["step"] == n
+        assert not (tmp_path / "min" / "runs" / f"{cell}-s0-timing").exists()
+    assert "0.02 minutes of training steps per cell (steps: objective=mlm" in (tmp_path / "min" / "results.md"
+                                                                               ).read_text()
+    capsys.readouterr()
+    train.compare(argv)
+    assert "=== timing" not in capsys.readouterr().out and json.loads((tmp_path / "min" / "steps.json").read_text()
+                                                                      ) == timed
+    for extra in (["--minutes", "1", "--tokens", "1e6"], ["--minutes", "1", "--max-steps", "5"], ["--tokens", "-1"]):
+        assert train.main(["compare", "--tasks", task, "--out-dir", str(tmp_path / "bad"), *extra]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+
+
 def test_finetune_skips_non_finite_steps_and_stops_when_they_persist(tmp_path, monkeypatch, capsys):
     task = toy_task(tmp_path / "t.csv", n=120)
     real_loss = MPNext.loss

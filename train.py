@@ -1024,6 +1024,10 @@ def compare_args(argv):
     p.add_argument("--low-size", type=int, default=1000, help="training examples of the low protocol")
     p.add_argument("--finetune", default="", help='extra flags for every fine-tuning run, e.g. "--epochs 3"')
     p.add_argument("--no-random", action="store_true", help="leave out the random-init row")
+    p.add_argument("--tokens", type=float, default=0, help="budget in place of --max-steps: pre-training tokens per "
+                   "cell (its steps = tokens / (batch x seq-len)), for grids over --batch-size or --seq-len")
+    p.add_argument("--minutes", type=float, default=0, help="budget in place of --max-steps: minutes of training "
+                   "steps per cell, its steps set from a 40-step timing run of that cell (fast recipes get more steps)")
     p.add_argument("--out-dir", default="out-compare", help="runs/, results.csv, results.md (and compare.png)")
     args, pretrain = p.parse_known_args(argv)
     names = {f.name: f.type for cls in (TrainConfig, mpnext.MPNextConfig) for f in dataclasses.fields(cls)}
@@ -1050,17 +1054,22 @@ def compare_args(argv):
     protocols = args.protocols.split(",")
     if any(x not in ("probe", "low", "full") for x in protocols) or len(set(protocols)) < len(protocols):
         raise ValueError(f"--protocols {args.protocols}: name each of probe, low, full at most once")
-    check_ranges(args, {"seeds": AT_LEAST_1, "low_size": AT_LEAST_1})
+    check_ranges(args, {"seeds": AT_LEAST_1, "low_size": AT_LEAST_1, "tokens": NOT_NEGATIVE, "minutes": NOT_NEGATIVE})
     check_out_dir(args.out_dir, "--out-dir")
     if len(set(specs)) < len(specs):
         raise ValueError(f"--cells/--grid: a cell appears twice ({specs}); remove the duplicate")
     given = parse_args(pretrain)[0].keys()
     if given & COMPARE_SETS:
         raise ValueError(f"compare sets {sorted(given & COMPARE_SETS)} of each run itself (seeds 0..--seeds-1); drop them")
+    if bool(args.tokens) + bool(args.minutes) + ("max_steps" in given) > 1:
+        raise ValueError("compare: pass one budget, --max-steps, --tokens or --minutes")
     for name in ("max_steps", "batch_size", "seq_len"):  # the budget written out: a later default cannot change it
-        if name not in given:
+        if name not in given and not (name == "max_steps" and (args.tokens or args.minutes)):
             pretrain = pretrain + ["--" + name.replace("_", "-"), str(getattr(TrainConfig, name))]
     grid = [(spec or "default", flags(spec)) for spec in specs]
+    if args.tokens:  # equal tokens: each cell's steps from its own batch x sequence length
+        grid = [(cell, extra + ["--max-steps", str(max(1, round(args.tokens / math.prod(
+            pretrain_value(pretrain + extra, k) for k in ("batch_size", "seq_len")))))]) for cell, extra in grid]
     for cell, extra in grid:  # every cell's command line must pass its checks before hours of work start
         train_args, model_args = parse_args(pretrain + extra)
         if not train_args.get("init"):
@@ -1091,10 +1100,14 @@ def compare(argv=None):
     csv_path, t0 = os.path.join(args.out_dir, "results.csv"), time.time()
     os.makedirs(os.path.join(args.out_dir, "runs"), exist_ok=True)
     budget_path = os.path.join(args.out_dir, "pretrain_flags.json")  # a rerun must not mix budgets in one table
-    if os.path.exists(budget_path) and json.load(open(budget_path)) != [pretrain, args.finetune]:
-        raise ValueError(f"{args.out_dir} holds results of other pre-training or --finetune flags "
+    budget = [pretrain, args.finetune] + ([{"tokens": args.tokens, "minutes": args.minutes}] if args.tokens or
+                                          args.minutes else [])
+    if os.path.exists(budget_path) and json.load(open(budget_path)) != budget:
+        raise ValueError(f"{args.out_dir} holds results of other pre-training, budget or --finetune flags "
                          f"({json.load(open(budget_path))}); use another --out-dir")
-    json.dump([pretrain, args.finetune], open(budget_path, "w"))
+    json.dump(budget, open(budget_path, "w"))
+    steps_path = os.path.join(args.out_dir, "steps.json")  # --minutes: each cell's timed steps, kept for reruns
+    cell_steps = json.load(open(steps_path)) if os.path.exists(steps_path) else {}
     fields = ["cell", "seed", "task", "protocol", "test_acc", "test_f1", "dev_acc", "val_mlm_loss", "pretrain_min",
               "finetune_min"]
     done = {}
@@ -1111,6 +1124,11 @@ def compare(argv=None):
             continue
         run_dir = run_dir_of(cell, seed)
         pre = {"val_mlm_loss": "", "pretrain_min": 0.0}
+        if extra is not None and args.minutes:
+            if cell not in cell_steps:
+                cell_steps[cell] = steps_for_minutes(pretrain + extra, args.minutes, run_dir + "-timing")
+                json.dump(cell_steps, open(steps_path, "w"))
+            extra = extra + ["--max-steps", str(cell_steps[cell])]
         if extra is not None:  # pre-train (or finish pre-training) the cell
             pre = pretrain_cell(pretrain + extra + ["--seed", str(seed), "--out-dir", run_dir, "--samples", "0"])
         ft_dir = os.path.join(run_dir, f"ft-{slug(task_name(task))}-{protocol}")
@@ -1134,7 +1152,14 @@ def compare(argv=None):
             w = csv.DictWriter(f, fields)
             w.writeheader() if new else None
             w.writerow(row)
-    table = compare_table(rows, [c for c, _ in cells], tasks, protocols, pretrain, (time.time() - t0) / 60)
+    steps = {cell: pretrain_value(pretrain + extra + (["--max-steps", str(cell_steps[cell])] if cell in cell_steps
+                                                     else []), "max_steps") for cell, extra in grid}
+    n, bs, seq = max(steps.values()), *(pretrain_value(pretrain, k) for k in ("batch_size", "seq_len"))
+    budget = (f"{args.tokens:,.0f} tokens" if args.tokens else f"{args.minutes:g} minutes of training steps"
+              if args.minutes else f"{n} steps x {bs} x {seq} tokens ({n * bs * seq / 1e6:.1f}M tokens)") + " per cell"
+    if len(set(steps.values())) > 1 or args.tokens or args.minutes:
+        budget += " (steps: " + ", ".join(f"{c} {k}" for c, k in steps.items()) + ")"
+    table = compare_table(rows, [c for c, _ in cells], tasks, protocols, pretrain, budget, (time.time() - t0) / 60)
     open(os.path.join(args.out_dir, "results.md"), "w").write(table)
     print("\n" + table)
     compare_plot(args.out_dir, rows, [c for c, _ in cells], [(t, p) for t, _ in tasks for p in protocols])
@@ -1153,6 +1178,22 @@ def pretrain_value(argv, name):
     """The value a pre-training command line gives a flag (its default when absent)."""
     tc, mc = parse_args(argv)
     return {**dataclasses.asdict(TrainConfig()), **tc, **mc}.get(name)
+
+
+def steps_for_minutes(argv, minutes, timing_dir):
+    """Steps that fill `minutes` with this cell's training steps: its tokens/s over steps 21-40 of a timing run
+    (the first 20 hold warm-up and compilation; evaluation is not counted)."""
+    shutil.rmtree(timing_dir, ignore_errors=True)
+    timing = ["--max-steps", "40", "--log-every", "20", "--eval-every", "40", "--warmup-steps", "0",
+              "--schedule-steps", "0", "--seed", "0", "--samples", "0", "--out-dir", timing_dir]
+    print(f"\n=== timing {' '.join(argv)}", flush=True)
+    status = train(*setup(argv + timing))[2]
+    if status:
+        raise SystemExit(status)
+    tok_s = [json.loads(line)["tok_s"] for line in open(os.path.join(timing_dir, "log.jsonl")) if '"tok_s"' in line]
+    shutil.rmtree(timing_dir)
+    tokens_per_step = math.prod(pretrain_value(argv, k) for k in ("batch_size", "seq_len"))
+    return max(1, int(minutes * 60 * tok_s[-1] / tokens_per_step))
 
 
 def pretrain_cell(argv):
@@ -1175,12 +1216,11 @@ def mean_std(xs):
     return m, (sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
 
 
-def compare_table(rows, cells, tasks, protocols, pretrain, minutes):
+def compare_table(rows, cells, tasks, protocols, pretrain, budget, minutes):
     """Markdown: one row per cell, test accuracy (%) mean +- std over seeds per task and protocol, their average."""
     cols = [(t, p) for t, _ in tasks for p in protocols]
-    steps, bs, seq = (pretrain_value(pretrain, k) for k in ("max_steps", "batch_size", "seq_len"))
     device = pick_device(pretrain_value(pretrain, "device"))
-    lines = [f"Budget: {steps} steps x {bs} x {seq} tokens ({steps * bs * seq / 1e6:.1f}M tokens) per cell, "
+    lines = [f"Budget: {budget}, "
              f"preset {pretrain_value(pretrain, 'preset')}, data {pretrain_value(pretrain, 'data') or 'stdlib'}; "
              f"{device_name(device)}; this call {minutes:.1f} min. Test accuracy (%), mean +- std over seeds.", "",
              "| cell | " + " | ".join(f"{task_name(t)} {p}" for t, p in cols) +
