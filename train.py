@@ -1027,7 +1027,7 @@ def compare_args(argv):
     p.add_argument("--tokens", type=float, default=0, help="budget in place of --max-steps: pre-training tokens per "
                    "cell (its steps = tokens / (batch x seq-len)), for grids over --batch-size or --seq-len")
     p.add_argument("--minutes", type=float, default=0, help="budget in place of --max-steps: minutes of training "
-                   "steps per cell, its steps set from a 40-step timing run of that cell (fast recipes get more steps)")
+                   "steps per cell, its steps set from a 60-step timing run of that cell (fast recipes get more steps)")
     p.add_argument("--out-dir", default="out-compare", help="runs/, results.csv, results.md (and compare.png)")
     args, pretrain = p.parse_known_args(argv)
     names = {f.name: f.type for cls in (TrainConfig, mpnext.MPNextConfig) for f in dataclasses.fields(cls)}
@@ -1181,10 +1181,11 @@ def pretrain_value(argv, name):
 
 
 def steps_for_minutes(argv, minutes, timing_dir):
-    """Steps that fill `minutes` with this cell's training steps: its tokens/s over steps 21-40 of a timing run
-    (the first 20 hold warm-up and compilation; evaluation is not counted)."""
+    """Steps that fill `minutes` with this cell's training steps: its tokens/s over the fastest 10 of steps 11-60 of a
+    timing run (the first 10 hold warm-up and compilation; the fastest window is the least disturbed on a shared
+    machine, as in --benchmark; evaluation is not counted)."""
     shutil.rmtree(timing_dir, ignore_errors=True)
-    timing = ["--max-steps", "40", "--log-every", "20", "--eval-every", "40", "--warmup-steps", "0",
+    timing = ["--max-steps", "60", "--log-every", "10", "--eval-every", "60", "--warmup-steps", "0",
               "--schedule-steps", "0", "--seed", "0", "--samples", "0", "--out-dir", timing_dir]
     print(f"\n=== timing {' '.join(argv)}", flush=True)
     status = train(*setup(argv + timing))[2]
@@ -1193,7 +1194,7 @@ def steps_for_minutes(argv, minutes, timing_dir):
     tok_s = [json.loads(line)["tok_s"] for line in open(os.path.join(timing_dir, "log.jsonl")) if '"tok_s"' in line]
     shutil.rmtree(timing_dir)
     tokens_per_step = math.prod(pretrain_value(argv, k) for k in ("batch_size", "seq_len"))
-    return max(1, int(minutes * 60 * tok_s[-1] / tokens_per_step))
+    return max(1, int(minutes * 60 * max(tok_s[1:]) / tokens_per_step))
 
 
 def pretrain_cell(argv):
