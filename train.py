@@ -1100,12 +1100,12 @@ def compare(argv=None):
     csv_path, t0 = os.path.join(args.out_dir, "results.csv"), time.time()
     os.makedirs(os.path.join(args.out_dir, "runs"), exist_ok=True)
     budget_path = os.path.join(args.out_dir, "pretrain_flags.json")  # a rerun must not mix budgets in one table
-    budget = [pretrain, args.finetune] + ([{"tokens": args.tokens, "minutes": args.minutes}] if args.tokens or
-                                          args.minutes else [])
-    if os.path.exists(budget_path) and json.load(open(budget_path)) != budget:
+    given = [pretrain, args.finetune] + ([{"tokens": args.tokens, "minutes": args.minutes}] if args.tokens or
+                                         args.minutes else [])
+    if os.path.exists(budget_path) and json.load(open(budget_path)) != given:
         raise ValueError(f"{args.out_dir} holds results of other pre-training, budget or --finetune flags "
                          f"({json.load(open(budget_path))}); use another --out-dir")
-    json.dump(budget, open(budget_path, "w"))
+    json.dump(given, open(budget_path, "w"))
     steps_path = os.path.join(args.out_dir, "steps.json")  # --minutes: each cell's timed steps, kept for reruns
     cell_steps = json.load(open(steps_path)) if os.path.exists(steps_path) else {}
     fields = ["cell", "seed", "task", "protocol", "test_acc", "test_f1", "dev_acc", "val_mlm_loss", "pretrain_min",
