@@ -1986,7 +1986,7 @@ def test_compare_budgets_in_tokens_and_minutes(tmp_path, capsys):
     assert status == 0 and list(timed) == ["objective=mpnet"] and timed["objective=mpnet"] >= 1
     for cell, n in timed.items():
         assert train.read_run(str(tmp_path / "min" / "runs" / f"{cell}-s0"))[0]["step"] == n
-        assert not (tmp_path / "min" / "runs" / f"{cell}-s0-timing").exists()
+        assert not (tmp_path / "min" / "runs" / f"{cell}-timing").exists()
     assert "0.01 minutes of training steps per cell (steps: objective=mpnet" in (tmp_path / "min" / "results.md"
                                                                                ).read_text()
     capsys.readouterr()

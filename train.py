@@ -1106,8 +1106,15 @@ def compare(argv=None):
         raise ValueError(f"{args.out_dir} holds results of other pre-training, budget or --finetune flags "
                          f"({json.load(open(budget_path))}); use another --out-dir")
     json.dump(given, open(budget_path, "w"))
-    steps_path = os.path.join(args.out_dir, "steps.json")  # --minutes: each cell's timed steps, kept for reruns
-    cell_steps = json.load(open(steps_path)) if os.path.exists(steps_path) else {}
+    if args.minutes:  # equal time: each cell's steps from its own timed speed, kept in steps.json for reruns
+        steps_path = os.path.join(args.out_dir, "steps.json")
+        timed = json.load(open(steps_path)) if os.path.exists(steps_path) else {}
+        for cell, extra in grid:
+            if cell not in timed:
+                timing_dir = os.path.join(args.out_dir, "runs", f"{slug(cell)}-timing")
+                timed[cell] = steps_for_minutes(pretrain + extra, args.minutes, timing_dir)
+                json.dump(timed, open(steps_path, "w"))
+        grid = [(cell, extra + ["--max-steps", str(timed[cell])]) for cell, extra in grid]
     fields = ["cell", "seed", "task", "protocol", "test_acc", "test_f1", "dev_acc", "val_mlm_loss", "pretrain_min",
               "finetune_min"]
     done = {}
@@ -1124,11 +1131,6 @@ def compare(argv=None):
             continue
         run_dir = run_dir_of(cell, seed)
         pre = {"val_mlm_loss": "", "pretrain_min": 0.0}
-        if extra is not None and args.minutes:
-            if cell not in cell_steps:
-                cell_steps[cell] = steps_for_minutes(pretrain + extra, args.minutes, run_dir + "-timing")
-                json.dump(cell_steps, open(steps_path, "w"))
-            extra = extra + ["--max-steps", str(cell_steps[cell])]
         if extra is not None:  # pre-train (or finish pre-training) the cell
             pre = pretrain_cell(pretrain + extra + ["--seed", str(seed), "--out-dir", run_dir, "--samples", "0"])
         ft_dir = os.path.join(run_dir, f"ft-{slug(task_name(task))}-{protocol}")
@@ -1152,8 +1154,7 @@ def compare(argv=None):
             w = csv.DictWriter(f, fields)
             w.writeheader() if new else None
             w.writerow(row)
-    steps = {cell: pretrain_value(pretrain + extra + (["--max-steps", str(cell_steps[cell])] if cell in cell_steps
-                                                     else []), "max_steps") for cell, extra in grid}
+    steps = {cell: pretrain_value(pretrain + extra, "max_steps") for cell, extra in grid}
     n, bs, seq = max(steps.values()), *(pretrain_value(pretrain, k) for k in ("batch_size", "seq_len"))
     budget = (f"{args.tokens:,.0f} tokens" if args.tokens else f"{args.minutes:g} minutes of training steps"
               if args.minutes else f"{n} steps x {bs} x {seq} tokens ({n * bs * seq / 1e6:.1f}M tokens)") + " per cell"
