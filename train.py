@@ -1181,6 +1181,15 @@ def pretrain_value(argv, name):
     return {**dataclasses.asdict(TrainConfig()), **tc, **mc}.get(name)
 
 
+def pretrain_or_stop(argv):
+    """One pre-training run of the grid; a stopped or failed run stops compare with its exit status."""
+    status = train(*setup(argv))[2]
+    if status:
+        print("compare: stopped. Run the same compare command again to go on: it keeps every finished row, resumes "
+              "a stopped pre-training and times an interrupted timing run again", file=sys.stderr)
+        raise SystemExit(status)
+
+
 def steps_for_minutes(argv, minutes, timing_dir):
     """Steps that fill `minutes` with this cell's training steps: its tokens/s over the fastest 10 of steps 11-60 of a
     timing run (the first 10 hold warm-up and compilation; the fastest window is the least disturbed on a shared
@@ -1189,9 +1198,7 @@ def steps_for_minutes(argv, minutes, timing_dir):
     timing = ["--max-steps", "60", "--log-every", "10", "--eval-every", "60", "--warmup-steps", "0",
               "--schedule-steps", "0", "--seed", "0", "--samples", "0", "--out-dir", timing_dir]
     print(f"\n=== timing {' '.join(argv)}", flush=True)
-    status = train(*setup(argv + timing))[2]
-    if status:
-        raise SystemExit(status)
+    pretrain_or_stop(argv + timing)
     tok_s = [json.loads(line)["tok_s"] for line in open(os.path.join(timing_dir, "log.jsonl")) if '"tok_s"' in line]
     shutil.rmtree(timing_dir)
     tokens_per_step = math.prod(pretrain_value(argv, k) for k in ("batch_size", "seq_len"))
@@ -1204,9 +1211,7 @@ def pretrain_cell(argv):
     path = os.path.join(out_dir, "ckpt.pt")
     step = read_run(out_dir)[0]["step"] if os.path.exists(path) else 0
     if step < pretrain_value(argv, "max_steps"):
-        status = train(*setup(argv + ["--resume"] * bool(step)))[2]
-        if status:
-            raise SystemExit(status)
+        pretrain_or_stop(argv + ["--resume"] * bool(step))
     evals = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl")) if '"val_loss"' in line]
     start = os.path.getmtime(os.path.join(out_dir, "train_tokens.npz"))  # written just before training starts
     return {"val_mlm_loss": evals[-1].get("val_mlm_loss", ""),
