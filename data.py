@@ -1,21 +1,17 @@
 """
-Data for MPNext: corpora, a byte-level BPE tokenizer and pre-training batches.
-
-Everything here is plain Python + numpy + torch and works offline:
-- corpora: the default corpus is the docstrings of the Python standard library you are running (~1.6 MB of
-  English prose, no download), or Tiny Shakespeare, or any UTF-8 .txt file / directory of .txt files.
-- tokenizer: byte-level BPE (Sennrich et al. 2016, GPT-2 flavour), trained in a few seconds, lossless.
-- batches: random blocks of the token stream, each row [<s>] + (T-1) tokens, plus per-token
-  "starts a word" flags that MPNet-style whole-word masking needs.
+Data for MPNext, offline: corpora (by default the running Python's standard-library docstrings, ~1.6 MB of English
+prose; or Tiny Shakespeare, or your UTF-8 .txt files), a byte-level BPE tokenizer (Sennrich et al. 2016, GPT-2
+flavour; trained in seconds, lossless), runs on disk (checkpoints in and out), and pre-training batches: blocks of
+[<s>] + (T-1) tokens with the "starts a word" flags that whole-word masking needs.
 
     >>> docs = load_documents(None)                    # stdlib docstrings
     >>> tok = Tokenizer.train(docs, vocab_size=8192)
-    >>> stream = encode_documents(docs, tok)          # 1-D ids, docs separated by </s>
+    >>> stream = encode_documents(docs, tok)          # 1-D ids, documents separated by </s>
     >>> x, is_word_start = Batches(stream, tok, seq_len=128, batch_size=32).sample(torch.Generator())
 """
 
 import ast
-import csv
+import dataclasses
 import hashlib
 import heapq
 import io
@@ -28,12 +24,13 @@ import sysconfig
 import tempfile
 import urllib.request
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from itertools import chain, repeat
 from pathlib import Path
 
 import numpy as np
 import torch
+
+import mpnext
 
 
 class DataError(ValueError):
@@ -46,14 +43,19 @@ def _cache_dir(cache_dir=None):
     return d
 
 
-def _atomic_write(path, data: bytes):
-    # write a temp file next to the target, then rename: a crash never leaves a half-written cache behind
+def _atomic_write(path, data):
+    """bytes, or a function that writes to a file: a temp file next to the target, then a rename, so that a crash
+    never leaves a half-written file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a run from the user's group
     with os.fdopen(fd, "wb") as f:
-        f.write(data)
+        data(f) if callable(data) else f.write(data)
     os.replace(tmp, path)
+
 
 # -----------------------------------------------------------------------------
 # corpora
@@ -65,9 +67,8 @@ _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__p
 
 
 def _stdlib_docstrings():
-    """(path relative to the stdlib, [docstrings]) per module with prose. Files are visited in sorted order and
-    docstrings in source order, so the result is deterministic for a given Python version. We keep docstrings with
-    some prose (>= 40 chars and a few spaces)."""
+    """(path relative to the stdlib, [docstrings with some prose]) per module: files in sorted order, docstrings in
+    source order, so the result is deterministic for a given Python version."""
     stdlib = sysconfig.get_paths()["stdlib"]
     for root, dirs, files in os.walk(stdlib):
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("config-"))
@@ -86,8 +87,7 @@ def _stdlib_docstrings():
 
 
 def default_corpus(cache_dir=None) -> list[str]:
-    """The docstrings of the running Python's standard library, one document per module (~1.6 MB; ~4 s once, then
-    read from the cache)."""
+    """The docstrings of the running Python's standard library, one document per module (built once, then cached)."""
     cache = _cache_dir(cache_dir) / f"stdlib_docstrings_py{sys.version_info[0]}{sys.version_info[1]}_v1.txt"
     if cache.exists():
         return cache.read_text(encoding="utf-8").split(DOC_SEP)
@@ -108,11 +108,8 @@ def _read_text(path: Path) -> str:
 
 
 def _split_paragraphs(text: str, min_chars: int = 2000) -> list[str]:
-    """Cut one long text into documents of whole paragraphs, each >= min_chars (the last may be shorter).
-
-    One novel becomes ~500 documents, so a train/val split by document works even for a single file.
-    Files without blank lines (one sentence a line) are cut at line ends instead.
-    """
+    """Cut one long text into documents of whole paragraphs, each >= min_chars (the last may be shorter), so that a
+    split by document works for a single novel; files without blank lines (a sentence a line) are cut at line ends."""
     sep = re.compile(r"\n[ \t]*\n\s*" if re.search(r"\n[ \t]*\n", text) else r"\n+")
     docs, start = [], 0
     for m in sep.finditer(text):
@@ -157,11 +154,8 @@ def load_documents(path: str | None, cache_dir=None) -> list[str]:
 
 
 def split_documents(docs, val_fraction=0.05, seed=0) -> tuple[list[str], list[str]]:
-    """Seeded split by whole documents, so no validation text leaks into training.
-
-    >>> split_documents(["a", "b", "c", "d"], 0.25)   # -> (3 docs, 1 doc), original order kept
-    With a single document we cut its text at the (1 - val_fraction) point, on a whitespace boundary.
-    """
+    """Seeded split by whole documents, so no validation text leaks into training (order kept); a single document
+    is cut at the (1 - val_fraction) point, on a whitespace boundary."""
     docs = list(docs)
     if val_fraction <= 0 or not docs:
         return docs, []
@@ -176,6 +170,7 @@ def split_documents(docs, val_fraction=0.05, seed=0) -> tuple[list[str], list[st
     n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
     val = set(order[:n_val])
     return [d for i, d in enumerate(docs) if i not in val], [d for i, d in enumerate(docs) if i in val]
+
 
 # -----------------------------------------------------------------------------
 # tokenizer: byte-level BPE, minbpe-style but with incremental pair counts so 8k merges train in seconds
@@ -218,12 +213,9 @@ class _WordCache(dict):
 
 class Tokenizer:
     """Ids: specials 0..4 (<s> <pad> </s> <unk> <mask>, MPNet's order), then bytes 5..260, then merges 261...
-
-    word_start[i] says whether token i begins a word: specials yes; otherwise yes iff its first byte is a space or
-    ASCII punctuation/whitespace/control (" the", ",", "\\n" -> True; "the", "ing", "é" -> False). Non-ASCII bytes
-    count as letters so a multi-byte character is never split in two. Caveat: a word at the start of a line
-    has no leading space, so the table calls it a continuation; word_start_flags() fixes that per position.
-    """
+    word_start[i]: token i begins a word, i.e. is a special or its first byte is a space or ASCII punctuation,
+    whitespace or control (" the", ",", "\\n": yes; "the", "ing", "é": no; non-ASCII bytes count as letters, so a
+    character is never split). A word at a line start has no space: word_start_flags() fixes that per position."""
 
     def __init__(self, merges=()):
         self.merges = [tuple(m) for m in merges]
@@ -244,9 +236,8 @@ class Tokenizer:
         self._cache = _WordCache(self._encode_word)
 
     @classmethod
-    def train(cls, text_or_docs, vocab_size=8192, verbose=False) -> "Tokenizer":
+    def train(cls, text_or_docs, vocab_size=8192) -> "Tokenizer":
         """Learn up to vocab_size - 261 merges (fewer if a tiny text runs out of pairs, so read tok.vocab_size after).
-
         Each step merges the most frequent adjacent pair; ties go to the smallest (id_a, id_b), so training is
         deterministic. On "aaabdaaabac" (a=102, b=103, ...):
         aa (4x) -> 261, then ab (2x, beats 261+a by id order) -> 262, then 261+262 -> 263, giving "XdXac".
@@ -295,9 +286,6 @@ class Tokenizer:
                 else:
                     del stats[p]
                     where.pop(p, None)
-            if verbose and (len(merges) % 1000 == 0 or len(merges) == n_merges):
-                print(f"merge {len(merges)}/{n_merges}: {tok.vocab[a] + tok.vocab[b]!r} ({-neg} occurrences)")
-            tok.vocab.append(tok.vocab[a] + tok.vocab[b])  # only for the verbose print above
         return cls(merges)
 
     def _encode_word(self, word: str) -> tuple:
@@ -311,11 +299,9 @@ class Tokenizer:
         return tuple(ids)
 
     def encode(self, text: str, specials=False) -> list[int]:
-        """Text -> ids. By default never emits specials: "<mask>" in text is just bytes. With specials=True the names
-        of SPECIAL_TOKENS become their ids, and "<mask>" takes the space before it, as RoBERTa's mask does: in
-        "the <mask> sat" it stands for one token " cat" (spaces belong to the following word in this BPE). Each
-        distinct pre-token is BPE'd once and cached, so encoding is mostly a regex pass plus dict lookups (~6 MB/s;
-        ~14 MB/s once warm)."""
+        """Text -> ids; "<mask>" in text is just bytes, unless specials=True: then the names of SPECIAL_TOKENS become
+        their ids, and "<mask>" takes the space before it, as RoBERTa's does ("the <mask> sat" hides one token " cat").
+        Each distinct pre-token is BPE'd once and cached: encoding is mostly a regex pass and dict lookups."""
         if specials:
             parts = re.split("( ?<mask>|" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")", text)
             return [i for k, p in enumerate(parts) for i in
@@ -326,9 +312,6 @@ class Tokenizer:
         """ids -> text; <pad> is skipped, other specials are shown by name, broken UTF-8 becomes U+FFFD."""
         ids = ids.tolist() if hasattr(ids, "tolist") else ids
         return b"".join(self.vocab[i] for i in ids if i != self.pad_id).decode("utf-8", errors="replace")
-
-    def id_to_piece(self, i) -> str:
-        return self.vocab[int(i)].decode("utf-8", errors="replace")
 
     @property
     def fingerprint(self) -> str:
@@ -347,11 +330,9 @@ class Tokenizer:
         _atomic_write(path, json.dumps(obj).encode())
 
     def to_hf(self, out_dir, max_len=512):
-        """Write this tokenizer in the Hugging Face `tokenizers` format (tokenizer.json, plus tokenizer_config.json and
-        special_tokens_map.json) so that transformers.AutoTokenizer.from_pretrained(out_dir) encodes exactly as
-        encode() does, with <s> ... </s> around a text and RoBERTa's pair format. No dependency: plain JSON. The BPE's
-        byte tokens are written in GPT-2's printable byte alphabet, as byte-level BPEs in that format are; the
-        pre-tokenizer is our PATTERN, the <mask> token takes the space before it (as encode(specials=True) does)."""
+        """This tokenizer in plain JSON files of the Hugging Face `tokenizers` format, so that AutoTokenizer encodes as
+        encode(specials=True) does, with <s> ... </s> around a text and RoBERTa's pair format; the byte tokens are
+        written in GPT-2's printable byte alphabet, as byte-level BPEs in that format are."""
         printable = [b for b in range(256) if chr(b).isprintable() and not chr(b).isspace() and b != 173]
         byte_char = {b: chr(b) for b in printable}  # GPT-2's bytes_to_unicode: the rest go to 256, 257, ...
         byte_char.update({b: chr(256 + k) for k, b in enumerate(b for b in range(256) if b not in byte_char)})
@@ -391,6 +372,7 @@ class Tokenizer:
                 or obj.get("special_tokens") != SPECIAL_TOKENS:
             raise DataError(f"{path}: not a tokenizer saved by this version of data.py; delete it to retrain")
         return cls(obj["merges"])
+
 
 class HFTokenizer:
     """A checkpoint's own Hugging Face tokenizer (MPNet's WordPiece) behind the interface of Tokenizer, so that the
@@ -440,15 +422,87 @@ def load_tokenizer(run_dir):
 
 
 # -----------------------------------------------------------------------------
+# runs on disk: DIR/tokenizer.json and DIR/*_tokens.npz (above), DIR/ckpt.pt, DIR/log.jsonl; checkpoints in and out
+
+def check_out_dir(path, flag):
+    """An output directory may not be a file, nor a Hugging Face checkpoint (its tokenizer.json would be lost)."""
+    if os.path.isfile(path):
+        raise DataError(f"{flag} {path} is a file; name a directory")
+    if os.path.exists(os.path.join(path, "config.json")):
+        raise DataError(f"{flag} {path} holds a Hugging Face checkpoint (config.json); pick another directory")
+
+
+def check_export_dir(run_dir, out_dir):
+    if os.path.abspath(run_dir) == os.path.abspath(out_dir):
+        raise DataError(f"export to {out_dir}: that is the run's own directory; name another one")
+    if os.path.isfile(out_dir) or os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+        raise DataError(f"export to {out_dir}: a file, or a directory holding an MPNext run; name a new directory")
+
+
+def read_run(run_dir):
+    """The checkpoint dict of a run directory, on the CPU, loaded with weights_only; or one DataError."""
+    path = os.path.join(run_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise DataError(f"{run_dir}: no ckpt.pt there; pass the --out-dir of a pre-training or fine-tuning run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        config = ckpt["model_config"]
+    except Exception as e:  # a corrupt file, or another program's
+        raise DataError(f"{path}: not an MPNext checkpoint ({type(e).__name__}); use another run or delete it"
+                        ) from None
+    if "whole_word" in config:  # a checkpoint saved before the masking field existed
+        config["masking"] = "word" if config.pop("whole_word") else "token"
+    return ckpt
+
+
+def read_init(path):
+    """--init: (model config, weights, tokenizer) of an MPNext run directory, or of a Hugging Face MPNet checkpoint
+    (a directory or a hub name) with its own tokenizer."""
+    if os.path.exists(os.path.join(path, "ckpt.pt")):
+        ckpt = read_run(path)
+        return mpnext.MPNextConfig(**{**ckpt["model_config"], "n_classes": 0}), ckpt["model"], load_tokenizer(path)
+    tok = HFTokenizer(path)
+    try:
+        model = mpnext.MPNext.from_hf(path, mask_id=tok.mask_id)
+    except Exception as e:
+        raise DataError(f"--init {path}: not an MPNet checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+                        ) from None
+    if model.cfg.vocab_size != tok.vocab_size or model.cfg.pad_id != tok.pad_id:
+        raise DataError(f"--init {path}: its tokenizer ({tok.vocab_size} tokens, pad {tok.pad_id}) does not fit its "
+                        f"model ({model.cfg.vocab_size}, pad {model.cfg.pad_id})")
+    return dataclasses.replace(model.cfg, special_ids=tok.special_ids), model.state_dict(), tok
+
+
+def open_log(out_dir, step, rank=0):
+    """DIR/log.jsonl, written line by line by rank 0 alone; a resumed run keeps the rows up to its checkpoint."""
+    def logged_step(line):
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return float("inf")  # a row cut off by a crash: dropped
+    path, kept = os.path.join(out_dir, "log.jsonl"), []
+    if step and os.path.exists(path):
+        kept = [line for line in open(path) if logged_step(line) <= step]
+    log = open(path if rank == 0 else os.devnull, "w", buffering=1)
+    log.writelines(kept)
+    return log
+
+
+def export_hf(model, tok, out_dir, labels=None):
+    """A model and its tokenizer as a Hugging Face checkpoint, for transformers' pipeline("fill-mask") (or, with the
+    labels of a fine-tuned run, pipeline("text-classification"))."""
+    model.to_hf(out_dir, labels)
+    tok.to_hf(out_dir, model.cfg.max_len)
+    print(f"wrote {out_dir}: transformers.AutoModelFor{'SequenceClassification' if labels else 'MaskedLM'}"
+          f".from_pretrained({out_dir!r}) and AutoTokenizer.from_pretrained({out_dir!r}) load it")
+
+
+# -----------------------------------------------------------------------------
 # batches
 
-
 def encode_documents(docs, tok, cache_path=None) -> np.ndarray:
-    """Concatenate tok.encode(doc) + [</s>] for every doc (fairseq/MPNet use </s> as the document separator).
-
-    Returns uint16 when the vocab fits (half the memory), else int32. With cache_path, the result is saved
-    together with a fingerprint of (tokenizer, texts) and reused only when both match.
-    """
+    """tok.encode(doc) + [</s>] for every doc, concatenated (fairseq/MPNet separate documents by </s>); uint16 when
+    the vocabulary fits. With cache_path, saved with a fingerprint of (tokenizer, texts), reused when both match."""
     h = hashlib.sha256(tok.fingerprint.encode())
     for d in docs:
         h.update(d.encode("utf-8", "surrogatepass") + b"\x00")
@@ -475,11 +529,8 @@ def encode_documents(docs, tok, cache_path=None) -> np.ndarray:
 
 
 def word_start_flags(ids, tok):
-    """Per-position "starts a word" flags for a 1-D or (B, T) array/tensor of ids (same type back, bool).
-
-    tok.word_start[ids], with position 0 and every position after a special or a line end forced True,
-    so "Hello" at the start of a line counts as a word although it has no leading space.
-    """
+    """Per-position "starts a word" flags (bool, same type back) for a 1-D or (B, T) array/tensor of ids: position 0
+    and every position after a special or a line end start one, so "Hello" at a line start counts without a space."""
     if isinstance(ids, torch.Tensor):
         ids = ids.long()
         ws, br = torch.from_numpy(tok.word_start)[ids], torch.from_numpy(tok.breaks_after)[ids]
@@ -522,208 +573,28 @@ class Batches:
         for i in range(0, len(starts), self.batch_size):
             yield self._rows(starts[i:i + self.batch_size])
 
-# -----------------------------------------------------------------------------
-# downstream tasks: labelled texts for fine-tuning and probing
 
-SPLITS = ("train", "dev", "test")
-_SPLIT_NAMES = {"train": "train", "dev": "dev", "valid": "dev", "validation": "dev", "val": "dev", "test": "test"}
-_NOT_A_CLASS = ("readme", "license", "sha256sums", ".")  # files in a class directory that hold no examples
-
-
-@dataclass
-class Task:
-    name: str
-    labels: list  # label names; a label id indexes this list
-    splits: dict  # "train" | "dev" | "test" -> (texts: list of 1- or 2-tuples of str, label ids: list of int)
-    pooled: bool = False  # the splits were drawn from one pool by seed (not given as train/dev/test files)
-
-
-def stdlib_task(cache_dir=None, n_classes=8):
-    """The built-in task, offline: which standard-library package (asyncio, email, logging, ...) a docstring comes
-    from, over the n_classes packages with the most docstrings (~2,300 examples on Python 3.11). The default
-    pre-training corpus holds the same docstrings, unlabelled: like in-domain pre-training, never the labels."""
-    cache = _cache_dir(cache_dir) / f"stdlib_packages_py{sys.version_info[0]}{sys.version_info[1]}_v1.json"
-    if cache.exists():
-        return json.loads(cache.read_text(encoding="utf-8"))
-    by_package = defaultdict(list)
-    for rel, strings in _stdlib_docstrings():
-        if os.sep in rel:  # a module inside a package directory
-            by_package[rel.split(os.sep)[0]] += strings
-    top = sorted(by_package, key=lambda p: (-len(by_package[p]), p))[:n_classes]
-    rows = [[text, package] for package in sorted(top) for text in by_package[package]]
-    _atomic_write(cache, json.dumps(rows).encode("utf-8"))
-    return rows
-
-
-def _read_table(path: Path, label_col: str, text_cols: str):
-    """A CSV or TSV file with a header -> (texts as tuples, label strings)."""
-    text = _read_text(path)
-    if not text.strip():
-        raise DataError(f"{path}: file is empty; give it a header line and one example per line")
-    delimiter = "\t" if path.suffix in (".tsv", ".tab") or "\t" in text.split("\n", 1)[0] else ","
-    header, *rows = [r for r in csv.reader(io.StringIO(text), delimiter=delimiter) if r]
-    if label_col not in header:
-        raise DataError(f"{path}: no column {label_col!r} in the header {header}; name the label column with "
-                        f"--label-col")
-    cols = text_cols.split(",") if text_cols else [c for c in header if c != label_col]
-    if not 1 <= len(cols) <= 2 or any(c not in header or c == label_col for c in cols):
-        raise DataError(f"{path}: text columns {cols} must be one or two of {header}, not the label; pick them with "
-                        f"--text-cols")
-    for line, r in enumerate(rows, 2):
-        if len(r) != len(header):
-            raise DataError(f"{path}: line {line} has {len(r)} fields, the header {len(header)}; fix the quoting")
-    at = [header.index(c) for c in cols]
-    return [tuple(r[i] for i in at) for r in rows], [r[header.index(label_col)] for r in rows]
-
-
-def _read_examples(path: Path, label_col, text_cols):
-    """A table file, or a directory with one file per class (one example per line; the name is the label)."""
-    if path.is_file():
-        return _read_table(path, label_col, text_cols)
-    files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.lower().startswith(_NOT_A_CLASS))
-    texts, labels = [], []
-    for f in files:
-        lines = [line.strip() for line in _read_text(f).splitlines() if line.strip()]
-        if not lines:
-            raise DataError(f"{f}: empty class file; put one example per line, or remove it")
-        texts += [(line,) for line in lines]
-        labels += [f.name[:-4] if f.name.endswith(".txt") else f.name] * len(lines)
-    return texts, labels
-
-
-def _dedup(texts, labels, where):
-    """Drop repeated examples and texts that occur under two labels (neither label can be right)."""
-    seen = defaultdict(set)
-    for t, y in zip(texts, labels):
-        seen[t].add(y)
-    kept, out = set(), ([], [])
-    for t, y in zip(texts, labels):
-        if len(seen[t]) == 1 and t not in kept:
-            kept.add(t)
-            out[0].append(t)
-            out[1].append(y)
-    if not texts:
-        raise DataError(f"{where}: no examples (an empty directory, or a table with a header only); add some")
-    if not out[0]:
-        raise DataError(f"{where}: no examples left after removing duplicates and conflicting labels")
-    return out
-
-
-def _take(split, idx):
-    """(texts, labels) at the indices idx."""
-    return [split[0][i] for i in idx], [split[1][i] for i in idx]
-
-
-def _stratified(labels, fractions, rng):
-    """Index lists, one per fraction (the last takes the rest), each with every class in proportion."""
-    by_class = defaultdict(list)
-    for i, y in enumerate(labels):
-        by_class[y].append(i)
-    parts = [[] for _ in fractions]
-    for y in sorted(by_class):
-        idx = by_class[y]
-        rng.shuffle(idx)
-        start = 0
-        for k, f in enumerate(fractions[:-1]):
-            n = round(len(idx) * f)
-            parts[k] += idx[start:start + n]
-            start += n
-        parts[-1] += idx[start:]
-    return [sorted(p) for p in parts]
-
-
-def _subsample(labels, n, rng):
-    """n indices, every class in proportion and at least once (largest remainders get the rest), sorted."""
-    by_class = defaultdict(list)
-    for i, y in enumerate(labels):
-        by_class[y].append(i)
-    share = {y: n * len(ix) / len(labels) for y, ix in by_class.items()}
-    take = {y: max(1, int(s)) for y, s in share.items()}
-    for y in sorted(share, key=lambda y: take[y] - share[y])[:max(0, n - sum(take.values()))]:
-        take[y] += 1
-    while sum(take.values()) > n:  # the at-least-one rule overshot: trim the largest classes
-        take[max(take, key=take.get)] -= 1
-    keep = []
-    for y in sorted(by_class):
-        idx = by_class[y][:]
-        rng.shuffle(idx)
-        keep += idx[:take[y]]
-    return sorted(keep)
-
-
-def load_task(path: str | None, seed=0, train_size=0, label_col="label", text_cols="", cache_dir=None) -> Task:
-    """A labelled task. path: None -> the built-in stdlib-package task; a CSV/TSV file with a header; a directory with
-    one file per class (e.g. pos.txt, neg.txt: one example per line); or a directory holding train / dev / test files
-    (each a table or a class directory). One file or class directory is split 80/10/10, stratified and seeded, after
-    duplicates and texts under two labels are dropped. train_size > 0 keeps that many training examples (stratified)."""
-    rng = random.Random(seed)
-    if path is None:
-        rows = stdlib_task(cache_dir)
-        name, named = "stdlib-packages", {"all": ([(t,) for t, _ in rows], [y for _, y in rows])}
-    else:
-        p = Path(path)
-        if not p.exists():
-            raise DataError(f"{p}: no such file or directory; pass a CSV/TSV file or a directory of class files")
-        name = p.stem if p.is_file() else p.name
-        parts = {_SPLIT_NAMES.get(f.name.split(".")[0].lower()): f for f in sorted(p.iterdir())} if p.is_dir() else {}
-        parts.pop(None, None)
-        if parts and "train" not in parts:
-            raise DataError(f"{p}: has {sorted(parts)} but no train file; add one, or remove the split files")
-        named = {s: _read_examples(f, label_col, text_cols) for s, f in parts.items()} or {
-            "all": _read_examples(p, label_col, text_cols)}
-    named = {s: _dedup(*v, f"{path or name} ({s})") for s, v in named.items()}
-    pooled = "all" in named
-    if pooled:  # one pool: a seeded stratified split
-        pool = named.pop("all")
-        parts = _stratified(pool[1], [0.8, 0.1, 0.1], rng)
-        named = {s: _take(pool, ix) for s, ix in zip(("train", "dev", "test"), parts)}
-    seen = set(named["train"][0])  # a dev/test text that also occurs in train would be a leak: dropped
-    for s in ("dev", "test"):
-        if s in named:
-            named[s] = _take(named[s], [i for i, t in enumerate(named[s][0]) if t not in seen])
-    for s in ("dev", "test"):  # a split the directory lacks: 10% of train
-        if s not in named:
-            rest, held = _stratified(named["train"][1], [0.9, 0.1], rng)
-            named["train"], named[s] = _take(named["train"], rest), _take(named["train"], held)
-    label_names = sorted(set(named["train"][1]))
-    if len(label_names) < 2:
-        raise DataError(f"{path or name}: the training examples have a single class {label_names}; a classifier "
-                        f"needs at least two")
-    for s in ("dev", "test"):
-        unseen = sorted(set(named[s][1]) - set(label_names))
-        if unseen:
-            raise DataError(f"{path or name}: {s} has label(s) {unseen[:5]} that never occur in train; fix the "
-                            f"labels or add training examples")
-    if train_size:
-        n = len(named["train"][0])
-        if train_size < len(label_names) or train_size > n:
-            raise DataError(f"--train-size {train_size}: pick between {len(label_names)} (one per class) and "
-                            f"{n} (all training examples)")
-        named["train"] = _take(named["train"], _subsample(named["train"][1], train_size, rng))
-    for s in SPLITS:
-        if not named[s][0]:
-            raise DataError(f"{path or name}: the {s} split is empty (too few examples per class); add examples")
-    ids = {y: i for i, y in enumerate(label_names)}
-    return Task(name, label_names, {s: (named[s][0], [ids[y] for y in named[s][1]]) for s in SPLITS}, pooled)
-
-
-def encode_examples(texts, tok, max_len):
-    """Each 1- or 2-tuple of texts -> ids `<s> a </s>` or `<s> a </s></s> b </s>` (MPNet/RoBERTa's pair format),
-    at most max_len long: the longer text loses tokens at its end first."""
-    rows = []
-    for t in texts:
-        parts = [tok.encode(x) for x in t]
-        budget = max_len - (2 if len(parts) == 1 else 4)
-        while sum(map(len, parts)) > budget:
-            max(parts, key=len).pop()
-        body = parts[0] if len(parts) == 1 else parts[0] + [tok.eos_id, tok.eos_id] + parts[1]
-        rows.append([tok.bos_id] + body + [tok.eos_id])
-    return rows
-
-
-def pad_rows(rows, pad_id):
-    """List of id lists -> (B, T) long tensor padded with pad_id, T = the longest row."""
-    out = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
+def prepare(path, out_dir, seq_len, batch_sizes, tok=None, vocab=4096, seed=0, rank=0):
+    """A run's corpus as (tokenizer, training batches, validation batches), saved to out_dir: the documents split by
+    `seed`, a BPE of `vocab` tokens trained on the training part unless `tok` is given (torchrun: by rank 0 alone)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out-dir {out_dir}: cannot create it ({e.strerror}); pick a writable directory") from None
+    train_docs, val_docs = split_documents(load_documents(path), seed=seed)
+    fresh = tok is None and rank == 0
+    if fresh:
+        print(f"training a {vocab}-token BPE on {sum(map(len, train_docs)) / 1e6:.1f} MB ...", flush=True)
+        tok = Tokenizer.train(train_docs, vocab_size=vocab)
+    elif tok is None:  # torchrun: rank 0 trained and saved it before the others got here
+        tok = load_tokenizer(out_dir)
+    if rank == 0:
+        tok.save(out_dir)
+    streams = [encode_documents(d, tok, os.path.join(out_dir, f"{name}_tokens.npz"))
+               for name, d in (("train", train_docs), ("val", val_docs))]
+    train_b, val_b = (Batches(stream, tok, seq_len, size, name)
+                      for stream, size, name in zip(streams, batch_sizes, ("train", "validation")))
+    if fresh and tok.vocab_size < vocab:
+        print(f"warning: --vocab {vocab}: this corpus has no pairs left to merge after {tok.vocab_size} tokens; "
+              f"the model uses {tok.vocab_size}", file=sys.stderr)
+    return tok, train_b, val_b

@@ -17,15 +17,12 @@ Reading guide (small pieces first, the model last):
     2. activations ........ GELU (erf), Mish (arXiv 1908.08681)
     3. positions .......... T5-style bucketed relative position bias (arXiv 1910.10683 Sec. 2.1), as MPNet uses it
     4. two-stream masks ... content / query masks of MPNet and of PLM, and a text renderer for them
-    5. the model .......... attention, block, the heads of ELECTRA (arXiv 2003.10555: generator config, discriminator)
-                            and SpanBERT (arXiv 1907.10529: span boundary objective), MPNext: natural-order encoder,
-                            two-stream encoder, tied LM head, the loss of every head, and Hugging Face interop
-                            (from_hf / to_hf, logits identical to MPNetForMaskedLM)
-    6. input builders ..... masking units (token, whole word, SpanBERT span), permutation, 80/10/10 corruption,
-                            MLM / PLM / MPNet batches, span boundaries, ELECTRA's replaced tokens (and MPNet + RTD)
-    7. fine-tuning ........ pooling, the classification head's batches, and a SentEval-style logistic-regression probe
+    5. the model .......... attention, block, ELECTRA / SpanBERT heads, MPNext (both encoders, every loss), HF interop
+    6. input builders ..... masking units, permutation, 80/10/10 corruption, MLM / PLM / MPNet batches, SBO, RTD
+    7. fine-tuning ........ pooling and the classification head's batches
     8. optimizers ......... AdamW, RAdam, Lookahead, GC, AGC, Ranger, Ranger21 (and a factory for train.py)
     9. schedules .......... warmup + linear / cosine decay
+The training loop is in train.py; everything else (fine-tuning runs, probe, compare, benchmark) is the `lab` package.
 
 Shapes: B batch, N tokens of a sentence, P predicted tokens (per row at most), C = N - P, W non-predicted slots,
 T rows fed to the encoder, S rows that are keys and values (the content stream), R replaced tokens (ELECTRA) or
@@ -89,49 +86,54 @@ class MPNextConfig:
     pooling: str = "first"  # its input: "first" (the <s> row, MPNet/RoBERTa) or "mean" over the non-pad rows
 
     @classmethod
-    def from_preset(cls, name, **overrides):
+    def from_preset(cls, name, seq_len=0, **overrides):  # max_len: the preset's, or seq_len if longer
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**{**PRESETS[name], "max_len": max(PRESETS[name]["max_len"], seq_len), **overrides})
 
 
 PRESETS = {
-    # trains in minutes on 2 CPU cores: 0.8M parameters besides the embeddings; no dropout, which only slows a
-    # model that sees its data a few times (cramming, arXiv 2212.14034, also pre-trains without it)
+    # for CPU runs; no dropout, which only slows a model that sees its data a few times (cramming, arXiv 2212.14034)
     "tiny": dict(n_layer=4, n_head=4, d_model=128, d_ff=512, max_len=128, dropout=0.0, attn_dropout=0.0),
     "small": dict(n_layer=6, n_head=8, d_model=256, d_ff=1024, max_len=256),
     "medium": dict(n_layer=8, n_head=8, d_model=512, d_ff=2048, max_len=512),
-    # MPNet-base exactly (hub config microsoft/mpnet-base): fairseq dictionary ids <s>=0 <pad>=1 </s>=2 <unk>=3,
-    # <mask> appended last = 30526
+    # MPNet-base (hub config microsoft/mpnet-base): fairseq ids <s>=0 <pad>=1 </s>=2 <unk>=3, <mask> appended last
     "base": dict(n_layer=12, n_head=12, d_model=768, d_ff=3072, max_len=512, vocab_size=30527,
                  pad_id=1, mask_id=30526, special_ids=(0, 1, 2, 3, 30526)),
 }
+
+# What a checkpoint decides when training starts from it (--init): the architecture and the vocabulary
+ARCH_FIELDS = {"vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_len", "d_embed", "pre_ln", "activation",
+               "rel_buckets", "rel_max_distance", "layer_norm_eps"}
+
+# The allowed values of the string fields and of train.py's optimizer and schedule flags (check_config reads it too)
+CHOICES = dict(activation=("gelu", "mish"), rel_init=("local", "normal"), objective=("mpnet", "plm", "mlm"),
+               masking=("token", "word", "span"), pooling=("first", "mean"), decay=("linear", "cosine"),
+               optimizer=("adamw", "radam", "ranger", "ranger21"))
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. Activations
 
 
 def mish(x):
-    """Mish (Misra, arXiv 1908.08681): mish(x) = x * tanh(softplus(x)), softplus(x) = ln(1 + e^x).
-    F.softplus switches to the identity for x > 20, which keeps gradients finite where ln(1 + e^x) would overflow."""
+    """Mish (Misra, arXiv 1908.08681): x * tanh(softplus(x)); F.softplus is the identity for x > 20: no overflow."""
     return x * torch.tanh(F.softplus(x))
 
 
 ACTIVATIONS = {"gelu": F.gelu, "mish": mish}  # F.gelu is the exact erf form, as fairseq and HF MPNet use
+assert tuple(ACTIVATIONS) == CHOICES["activation"]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. Relative position bias (MPNet uses T5's bucketed scalar bias, arXiv 1910.10683 Sec. 2.1)
 #
-# One table of `rel_buckets x n_head` scalars, added to the attention logits of every layer. Each forward expands it
-# to one column per distance (-L..L, L = max_len) and reads every query-key pair's distance from there. The distance
-# is taken between ORIGINAL positions, so a permuted sequence sees the same bias as the sentence in natural order:
-# that is what lets the two-stream encoder move tokens around freely (spec mpnet.md Sec. 2.2).
+# One table of `rel_buckets x n_head` scalars, added to the attention logits of every layer. The distance is taken
+# between ORIGINAL positions, so a permuted sequence sees the same bias as the sentence in natural order: that is what
+# lets the two-stream encoder move tokens around freely (paper Sec. 2.2).
 
 
 def relative_bucket(q_pos, k_pos, n_buckets=32, max_distance=128):
-    """Bucket of key position k seen from query position q. n = q - k; keys on the right (n < 0) use the upper half.
-    Within a half: distances 0..7 exact, then log-spaced up to max_distance, beyond it the last bucket.
-    Example with 32 buckets: n = 0 -> 0, n = 3 -> 3, n = -3 -> 19, n = 20 -> 10, n = 500 -> 15."""
+    """Bucket of key k seen from query q, n = q - k: the upper half for keys on the right (n < 0); in a half, 0..7
+    exact, then log-spaced up to max_distance, then the last. 32 buckets: n = 0, 3, -3, 20, 500 -> 0, 3, 19, 10, 15."""
     n = q_pos[..., :, None] - k_pos[..., None, :]  # (..., Tq, Tk)
     half = n_buckets // 2
     bucket = (n < 0).long() * half  # keys to the right of the query get buckets half..n_buckets-1
@@ -144,12 +146,8 @@ def relative_bucket(q_pos, k_pos, n_buckets=32, max_distance=128):
 
 
 class DistanceBias(torch.autograd.Function):
-    """table[:, index] in `dtype`: (H, ..) from a per-distance table (H, K) and integer indices (..), with the table's
-    gradient as one weighted histogram (bincount) per head, summed in fp32. Same sums as autograd's indexing, different
-    speed. Measured on the per-bucket table this replaced: an indexing backward sorts the indices first (37 ms of a
-    2-core CPU step, tiny MPNet batch of 32 x 128, against 4 ms with bincount), and a scatter_add into the columns
-    serialises on atomic adds on a GPU (52% of a `base` MPNet step at seq 512 on an H100), where bincount sums each
-    block's share in shared memory first."""
+    """table[:, index] in `dtype`, (H, ..) from a table (H, K). Its backward is one bincount per head, in fp32: the
+    sums of autograd's indexing, which sorts the indices on a CPU and serialises on atomic adds on a GPU."""
 
     @staticmethod
     def forward(ctx, table, index, dtype):
@@ -165,12 +163,8 @@ class DistanceBias(torch.autograd.Function):
 
 
 def local_bias_init(cfg):
-    """A locality prior for the bias table, (rel_buckets, n_head): head h starts at -2^(1-h) * log2(1 + d) for a
-    bucket of distance d (its smallest), the same on both sides. Our deviation from MPNet, which starts the table at
-    N(0, 0.02): Adam moves a weight by about lr per step, so a random table needs thousands of steps to learn that
-    neighbours matter, and a tiny CPU run stays stuck predicting unigram frequencies (val loss after 400 steps of the
-    default run: 6.25 from N(0, 0.02), 5.51 from this prior). Head 0 is sharply local, the last ones nearly uniform,
-    in the spirit of ALiBi's per-head slopes (arXiv 2108.12409). Loaded checkpoints overwrite it."""
+    """Locality prior (rel_buckets, n_head), like ALiBi's slopes (arXiv 2108.12409): head h at -2^(1-h) * log2(1 + d),
+    d a bucket's least distance. From MPNet's N(0, 0.02), Adam would take thousands of steps to find the neighbours."""
     half = cfg.rel_buckets // 2
     exact = half // 2
     b = torch.arange(half, dtype=torch.float32)
@@ -193,18 +187,16 @@ def local_bias_init(cfg):
 #     content non-pred.    all             none             all                 N
 #     content m_k          all             none             all                 N
 #
-# Every row sees exactly one token per original position: N keys, the length of the sentence, as in fine-tuning.
-# Query k sees the content of p_<k (the autoregressive dependency of PLM) and the mask copies of p_>=k (position
-# compensation). Non-predicted and mask-copy rows must never see predicted content, else p_k reaches query k in two hops.
+# Every row sees one token per original position (N keys, as in fine-tuning): query k the content of p_<k (PLM's
+# dependency) and the mask copies of p_>=k (position compensation). Non-predicted and mask-copy rows never see
+# predicted content, else p_k would reach query k in two hops.
 #
 # PLM (XLNet-style, no position compensation) drops the mask copies: T = N + P rows [ content N | query P ];
 # query k sees non-predicted + p_<k (C + k - 1 keys), p_k sees non-predicted + p_<=k, non-predicted rows see themselves.
 
-
 @lru_cache(maxsize=64)
 def two_stream_mask(n, p, kind="mpnet"):
-    """Allowed-attention table (True = may attend) for the rows [content | query] over the content columns.
-    Shape (N + 2P, N + P) for "mpnet", (N + P, N) for "plm". Cached: it depends only on (N, P, kind)."""
+    """True = may attend: rows [content | query] x content columns; (N + 2P, N + P) for "mpnet", (N + P, N) for plm."""
     c = n - p
     strict = torch.ones(p, p, dtype=torch.bool).tril(-1)  # j < k
     upto = torch.ones(p, p, dtype=torch.bool).tril(0)  # j <= k
@@ -243,12 +235,8 @@ def render_masks(n, p, kind="mpnet"):
 # ----------------------------------------------------------------------------------------------------------------------
 # 5. The model: attention, block, MPNext
 #
-# One attention call serves both streams: queries are all T rows (content + query stream), keys and values are the
-# first `n_kv` rows (the content stream). The block mask of Sec. 4 and the relative bias are folded into one additive
-# mask (H, B, T, n_kv), heads first. In the natural-order path n_kv = T and the mask is the bias plus key padding: one
-# (H, 1, T, T) for the batch when nothing is padded. The top layer may compute only the rows a loss reads
-# (MPNext.run_layers), with its own bias for those rows.
-
+# One attention call serves both streams: queries are all T rows, keys and values the first `n_kv` (the content
+# stream). The mask of Sec. 4 and the relative bias fold into one additive mask (H, B or 1, T, n_kv), heads first.
 
 EXPLICIT_CPU_ATTENTION = True  # False: SDPA on a CPU too (the tests compare both)
 
@@ -261,15 +249,12 @@ def gather_rows(h, rows):
 class SelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        if cfg.d_model % cfg.n_head:
-            raise ValueError(f"d_model={cfg.d_model} must be a multiple of n_head={cfg.n_head}")
         self.n_head, self.d_model, self.attn_dropout = cfg.n_head, cfg.d_model, cfg.attn_dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # rows [W_q; W_k; W_v], shared by both streams
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, xq, xkv, attn_bias):
-        """Queries from the rows xq (B, T, D), keys and values from the content rows xkv (B, S, D); attn_bias
-        (H, B or 1, T, S) holds the relative bias and the mask."""
+        """Queries from xq (B, T, D), keys and values from the content rows xkv (B, S, D); attn_bias: bias + mask."""
         B, T, D = xq.shape
         S, H, hs = xkv.shape[1], self.n_head, D // self.n_head
         w, b = self.qkv.weight, self.qkv.bias
@@ -280,9 +265,8 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.transpose(0, 1),
                                                dropout_p=self.attn_dropout if self.training else 0.0)
             return self.proj(y.transpose(1, 2).reshape(B, T, D))
-        # On a CPU, SDPA runs a bias that needs a gradient on its fallback path, which upcasts bf16 to fp32 and checks
-        # every row for being fully masked: the three steps below take 25% less time in bf16 (README, Speed). Heads
-        # outermost, so that a per-row bias (two streams) is a view; a bias shared by the batch is copied.
+        # On a CPU, SDPA runs a bias with a gradient on a fallback path that upcasts bf16 and checks every row for being
+        # fully masked; the steps below do neither. Heads outermost, so that a per-row bias (two streams) is a view.
         q, k, v = (t.permute(2, 0, 1, 3).reshape(H * B, -1, hs) for t in (q, k, v))  # (H * B, rows, hs)
         # softmax(q k^T / sqrt(hs) + bias + mask) v, the bias added by the matmul         # Vaswani et al. Eq. (1)
         scores = torch.baddbmm(attn_bias.expand(H, B, T, S).reshape(H * B, T, S), q, k.transpose(1, 2),
@@ -293,9 +277,7 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Transformer layer. Post-LN (MPNet, BERT): x = LN(x + f(x)). Pre-LN: x = x + f(LN(x)).
-    `rows` (B, R) makes the layer compute only those rows' outputs (their keys and values still come from all the
-    content rows): the last layer does so when only some rows get a loss."""
+    """Transformer layer. Post-LN (MPNet, BERT): x = LN(x + f(x)). Pre-LN: x = x + f(LN(x)). rows: see run_layers."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -322,8 +304,7 @@ class Block(nn.Module):
 
 
 class DiscriminatorHead(nn.Module):
-    """ELECTRA's discriminator (Clark et al., arXiv 2003.10555 Sec. 2): D(x, t) = sigmoid(w^T act(W h_t + b) + c),
-    one logit per token: "was this token replaced?". No LayerNorm, as in ELECTRA."""
+    """ELECTRA's "was token t replaced?" (arXiv 2003.10555 Sec. 2): sigmoid(w^T act(W h_t + b) + c), no LayerNorm."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -339,10 +320,9 @@ SBO_MAX_OFFSET = 32  # rows of the SBO position table; span tokens further from 
 
 
 class SpanBoundaryHead(nn.Module):
-    """SpanBERT's span boundary objective (Joshi et al., arXiv 1907.10529 Sec. 3.2): token i of a span s..e is
-    predicted from the two tokens just outside it and its place in the span, y_i = f(x_{s-1}, x_{e+1}, p_{i-s+1}):
-        h = LayerNorm(act(W1 [x_{s-1}; x_{e+1}; p_{i-s+1}]))    y_i = LayerNorm(act(W2 h))
-    then the decoder tied to the token embeddings, with a bias of its own. SpanBERT's p has 200 dims; ours d_model."""
+    """SpanBERT's span boundary objective (Joshi et al., arXiv 1907.10529 Sec. 3.2): token i of a span s..e from the
+    tokens outside it and its place: h = LayerNorm(act(W1 [x_{s-1}; x_{e+1}; p_{i-s+1}])), y = LayerNorm(act(W2 h)),
+    then the tied decoder with a bias of its own. SpanBERT's p has 200 dims; ours d_model."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -361,8 +341,7 @@ class SpanBoundaryHead(nn.Module):
 
 
 class ClassificationHead(nn.Module):
-    """MPNet's sequence classifier (RoBERTa's, arXiv 1907.11692; HF MPNetClassificationHead): dropout, dense, tanh,
-    dropout, projection to the classes, on the pooled hidden state (section 7)."""
+    """MPNet's (RoBERTa's; HF MPNetClassificationHead) on the pooled state: dropout, dense, tanh, dropout, out_proj."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -376,10 +355,8 @@ class ClassificationHead(nn.Module):
 
 @torch.no_grad()
 def auc(scores, positive, scored):
-    """Area under the ROC curve of `scores` over the `scored` entries: the chance that a random positive outscores a
-    random negative, ties counting half (Mann-Whitney); 0.5 = no skill, NaN without positives or negatives. ELECTRA
-    logs it because precision and recall at the 0.5 threshold stay at 0 while a weak detector already ranks replaced
-    tokens higher. No data-dependent shapes (no GPU sync)."""
+    """ROC AUC over the `scored` entries (Mann-Whitney: ties count half; NaN without both classes). ELECTRA logs it:
+    it sees a weak detector rank replaced tokens higher while precision and recall at 0.5 are still 0. No GPU sync."""
     negatives = torch.where(scored & ~positive, scores, math.inf).flatten().sort().values  # +inf: not a negative
     s = scores.flatten().contiguous()
     below = torch.searchsorted(negatives, s).float()  # negatives strictly below each score ...
@@ -390,9 +367,8 @@ def auc(scores, positive, scored):
 
 
 def generator_config(cfg):
-    """ELECTRA's generator (Sec. 3.2; its code's get_generator_config): hidden size gen_width x d_model, heads of 64
-    dims (at least one), FFN 4x hidden, the same depth. It reads the main model's embeddings (width d_model, shared
-    with the discriminator as ELECTRA shares them) through a projection, and decodes with the same tied table."""
+    """ELECTRA's generator (Sec. 3.2; get_generator_config): width gen_width x d_model, heads of 64 dims (at least one),
+    FFN 4x, same depth; it reads the shared embeddings (width d_model) through a projection, decodes with them tied."""
     d = max(1, round(cfg.d_model * cfg.gen_width))
     h = max(1, d // 64)
     while d % h:
@@ -403,14 +379,14 @@ def generator_config(cfg):
 
 def check_config(cfg):
     """One clear ValueError for a config the model or the builders cannot run."""
-    choices = dict(activation=tuple(ACTIVATIONS), rel_init=("local", "normal"), objective=("mpnet", "plm", "mlm"),
-                   masking=("token", "word", "span"))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
+    for name, allowed in CHOICES.items():
+        if hasattr(cfg, name) and getattr(cfg, name) not in allowed:
             raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; choose one of: {', '.join(allowed)}")
     for name in ("n_layer", "n_head", "d_model", "d_ff", "max_len"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)}: must be at least 1")
+    if cfg.d_model % cfg.n_head:
+        raise ValueError(f"d_model={cfg.d_model} must be a multiple of n_head={cfg.n_head}")
     if not (0 <= cfg.dropout < 1 and 0 <= cfg.attn_dropout < 1 and cfg.layer_norm_eps > 0):
         raise ValueError(f"dropout={cfg.dropout}, attn_dropout={cfg.attn_dropout}, layer_norm_eps={cfg.layer_norm_eps}:"
                          f" dropouts must be in [0, 1), layer_norm_eps positive")
@@ -431,29 +407,41 @@ def check_config(cfg):
         raise ValueError(f"span_p={cfg.span_p}, span_max={cfg.span_max}: need 0 < span_p < 1 and span_max >= 1")
     if cfg.rtd and not (0 < cfg.gen_width <= 1 and 0 < cfg.rtd_ratio <= 1):
         raise ValueError(f"gen_width={cfg.gen_width}, rtd_ratio={cfg.rtd_ratio}: both must be in (0, 1]")
-    if cfg.pooling not in ("first", "mean") or cfg.n_classes < 0 or cfg.n_classes == 1:
-        raise ValueError(f"pooling={cfg.pooling!r}, n_classes={cfg.n_classes}: pooling is 'first' or 'mean', "
-                         f"n_classes 0 (no head) or at least 2")
-    if cfg.rtd and cfg.sbo and cfg.objective == "mlm":
+    if cfg.n_classes < 0 or cfg.n_classes == 1:
+        raise ValueError(f"n_classes={cfg.n_classes}: 0 (no head) or at least 2")
+    if is_electra(cfg) and cfg.sbo:
         raise ValueError("--sbo with --objective mlm --rtd: the discriminator reads the generator's samples inside "
                          "each span (often the true tokens), so its boundary rows would leak the span; use mpnet/plm")
 
 
 def disc_weight(cfg, objective):
-    """lambda of the discriminator loss: cfg.rtd_weight if set. ELECTRA's 50 balances the BCE against the MLM loss of
-    ANOTHER network (the generator); the discriminator gets nothing else. With mpnet/plm one encoder carries both the
-    permuted-LM loss and the BCE, and lambda trades one for the other: on the default run 10 trained the best
-    detector (AUC 0.64; 0.59 for 1, and for 50, where the permuted LM stayed on the unigram plateau). See README."""
+    """lambda of the discriminator loss, cfg.rtd_weight if set. ELECTRA's 50 weighs the BCE against ANOTHER network's
+    loss (the generator's); with mpnet/plm one encoder carries both BCE and permuted LM, so the default there is 10."""
     return cfg.rtd_weight if cfg.rtd_weight is not None else (50.0 if objective == "mlm" else 10.0)
+
+
+def is_electra(cfg):
+    """Classic ELECTRA: the main model is a discriminator without an LM loss; the generator is the one that fills in."""
+    return cfg.objective == "mlm" and cfg.rtd
+
+
+def mlm_probe(cfg):
+    """The score every objective shares: BERT's MLM (token masking, natural order, no extra heads) at the run's
+    pred_ratio, so a PLM- or MPNet-trained model is scored on the same task as an MLM one."""
+    return replace(cfg, objective="mlm", masking="token", rtd=False, sbo=False)
+
+
+def recipe(cfg):
+    """"mpnet", "mpnet+span+sbo", "mlm+rtd", ...: the objective and what is added to it."""
+    return "+".join([cfg.objective] + [cfg.masking] * (cfg.masking != "token") + ["rtd"] * cfg.rtd + ["sbo"] * cfg.sbo
+                    + ["return_mlm"] * cfg.return_mlm)
 
 
 class MPNext(nn.Module):
     """MPNet encoder with a tied LM head. Two ways in:
-    - forward(input_ids, attention_mask) -> logits (B, T, V): ordinary bidirectional encoder in natural order
-      (fine-tuning, plain MLM, and exactly HF's MPNetForMaskedLM).
+    - forward(input_ids, attention_mask) -> logits (B, T, V): natural order (fine-tuning, MLM; HF's MPNetForMaskedLM)
     - two_stream(input_ids, positions, n_pred, kind) -> logits (B, P, V): the pre-training layout of Sec. 4.
-    With cfg.rtd it also holds an ELECTRA generator (a small MPNext sharing the embeddings) and a discriminator head;
-    with cfg.sbo a span boundary head. loss(batch) trains them all."""
+    cfg.rtd: ELECTRA's generator and discriminator; cfg.sbo: SBO's head; n_classes: a classifier; loss() trains all."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -480,7 +468,6 @@ class MPNext(nn.Module):
         if cfg.n_classes:
             self.classifier = ClassificationHead(cfg)
         self.apply(self._init_weights)
-
         with torch.no_grad():  # fairseq zeroes the padding rows
             self.tok_emb.weight[cfg.pad_id].zero_()
             self.pos_emb.weight[1].zero_()
@@ -511,10 +498,8 @@ class MPNext(nn.Module):
         return self.emb_proj(self.drop(self.emb_ln(self.tok_emb(input_ids) + self.pos_emb(rows))))
 
     def attention_bias(self, q_pos, k_pos, allowed, dtype):
-        """Relative bias (H, B or 1, Tq, Tk) in `dtype` for queries at q_pos (B or 1, Tq) and keys at k_pos, with
-        blocked entries (`allowed` (B or 1, 1, Tq, Tk) False) at the dtype's minimum (finite: a fully blocked row then
-        gives a uniform softmax instead of NaN). Looked up per distance: the buckets of the 2 max_len + 1 distances
-        are computed once, then each entry reads its distance's column (the last column: blocked)."""
+        """Relative bias (H, B or 1, Tq, Tk) in `dtype` for queries q_pos (B or 1, Tq), keys k_pos, read per distance;
+        the dtype's finite minimum where `allowed` (B or 1, 1, Tq, Tk) is False (a blocked row: uniform, not NaN)."""
         L, H = self.cfg.max_len, self.cfg.n_head
         distance = torch.arange(-L, L + 1, device=q_pos.device)
         buckets = relative_bucket(distance, distance[L:L + 1], self.cfg.rel_buckets, self.cfg.rel_max_distance)
@@ -525,10 +510,9 @@ class MPNext(nn.Module):
         return DistanceBias.apply(table, torch.where(allowed[:, 0], index, 2 * L + 1), dtype)
 
     def run_layers(self, x, q_pos, k_pos, allowed, rows=None):
-        """The blocks over the embedded rows x (B, T, D): queries at positions q_pos (B or 1, T), keys and values the
-        first k_pos.shape[1] rows, attention allowed where `allowed` (B or 1, 1, T, n_kv). With `rows` (B, R), the
-        hidden states of those rows only (B, R, D): the last layer computes nothing else, since a row no loss reads
-        is needed below the top only as a key and value (MPNet: the query rows; MLM: the masked ones)."""
+        """The blocks over the embedded rows x (B, T, D): queries at q_pos (B or 1, T), keys and values the first
+        k_pos.shape[1] rows, attention where `allowed` (B or 1, 1, T, n_kv). With `rows` (B, R), only those rows' states
+        (B, R, D): a row no loss reads is needed only as a key and value below the top, so the top layer skips it."""
         dtype, n_kv = self._compute_dtype(x), k_pos.shape[1]
         below = self.blocks if rows is None else self.blocks[:-1]
         if len(below):
@@ -558,9 +542,8 @@ class MPNext(nn.Module):
     # -- natural order (fine-tuning, MLM)
 
     def encode(self, input_ids, attention_mask=None, rows=None):
-        """Hidden states (B, T, D), or (B, R, D) of `rows` alone. Positions follow HF/fairseq: the i-th non-pad token
-        has position i, pads none; the relative bias uses arange(T) as HF does. attention_mask (B, T): 1 = token,
-        0 = padding (key masked)."""
+        """Hidden states (B, T, D), or (B, R, D) of `rows` alone; attention_mask (B, T): 1 = token, 0 = padding. As in
+        HF/fairseq, the i-th non-pad token has absolute position i (pads none), and the relative bias uses arange(T)."""
         B, T = input_ids.shape
         self._check_length(T)
         not_pad = (input_ids != self.cfg.pad_id).long()
@@ -582,11 +565,9 @@ class MPNext(nn.Module):
     # -- two streams (pre-training)
 
     def two_stream_encode(self, input_ids, positions, n_pred, kind="mpnet", rows=None):
-        """input_ids, positions: (B, T) with T = N + 2P ("mpnet": [N permuted tokens | P mask copies | P query rows])
-        or T = N + P ("plm": [N permuted tokens | P query rows]); positions are the ORIGINAL 0-based positions. When
-        rows predict different numbers of tokens, make_batch adds filler pads: the N content rows become W + P
-        (make_batch checks N against max_len; two_stream checks a layout without fillers).
-        Returns hidden states (B, T, D) of every row (the last P rows are the query stream), or (B, R, D) of `rows`."""
+        """Hidden states (B, T, D) (the last P rows: query stream), or (B, R, D) of `rows`. input_ids, positions (B, T):
+        T = N + 2P ("mpnet": [N permuted tokens | P mask copies | P queries]) or N + P ("plm": [N | P queries]), at the
+        ORIGINAL 0-based positions; make_batch checks N, and its fillers make the N content rows W + P."""
         B, T = input_ids.shape
         n = T - 2 * n_pred if kind == "mpnet" else T - n_pred  # sentence length N
         n_kv = T - n_pred  # content stream rows = keys/values
@@ -606,10 +587,9 @@ class MPNext(nn.Module):
     # -- the pre-training loss
 
     def loss(self, batch):
-        """The weighted sum of every loss the batch asks for (section 6 builds it), each a mean over its own targets, as
-        ELECTRA's and SpanBERT's code average them, so the weights mean what the papers mean: the objective's LM loss
-        (query rows, or the masked rows for mlm), MPNet's --return-mlm loss, ELECTRA's generator and discriminator losses, SpanBERT's SBO
-        loss. Returns (loss, metrics): each loss as "<name>_loss", accuracies, the discriminator's numbers."""
+        """The weighted sum of the losses the batch (section 6) asks for: LM, --return-mlm, ELECTRA's generator and
+        discriminator, SBO; each a mean over its own targets, as ELECTRA's and SpanBERT's code average them, so the
+        weights mean what the papers mean. Returns (loss, metrics): "<name>_loss" of each, accuracies, RTD stats."""
         kind, ids = batch["kind"], batch["input_ids"]
         losses, metrics = {}, {}
         if "rtd_targets" in batch:  # ELECTRA: the generator's samples go into the input, labels say where
@@ -618,7 +598,7 @@ class MPNext(nn.Module):
         if "targets" in batch:  # the objective's own LM loss (absent only for ELECTRA's discriminator)
             B, T, P = *ids.shape, batch["targets"].shape[1]
             rows = batch["pred_positions"] if kind == "mlm" else torch.arange(T - P, T, device=ids.device).expand(B, -1)
-        # when no other loss reads a row, the top layer computes the P rows alone (a fifth less work with 4 layers)
+        # when no other loss reads a row, the top layer computes the P rows alone (run_layers)
         need_all_rows = any(k in batch for k in ("rtd_targets", "labels", "sbo_targets")) or (
             kind == "mpnet" and self.cfg.return_mlm)
         top_rows = None if need_all_rows else rows
@@ -655,11 +635,9 @@ class MPNext(nn.Module):
         return total, metrics
 
     def replace_tokens(self, batch, losses, metrics):
-        """ELECTRA Sec. 2: the generator predicts the tokens hidden from it (its MLM loss, weight 1) and samples
-        replacements x^ ~ p_G(. | its input) at temperature 1 by inverting the CDF at the batch's uniforms rtd_u (so the
-        batch generator owns all randomness). Special tokens are never sampled. The sample is discrete and taken
-        without grad: no gradient of the discriminator loss reaches the generator. A token counts as replaced only
-        where x^ differs from the original (ELECTRA: "moderately improved" results)."""
+        """ELECTRA Sec. 2: the generator predicts the tokens hidden from it (MLM loss, weight 1) and samples x^ at
+        temperature 1, without grad, never a special token, by inverting its CDF at the batch's uniforms rtd_u.
+        Only an x^ that differs from the original counts as replaced (ELECTRA: "moderately improved" results)."""
         gen, targets, slots = self.generator, batch["rtd_targets"], batch["rtd_slots"]
         h = gen.encode(batch["gen_ids"], batch["gen_attention_mask"], batch["rtd_positions"])  # (B, R, D_G)
         logits = gen.lm_head(h).float()  # (B, R, V)
@@ -679,9 +657,8 @@ class MPNext(nn.Module):
 
     @classmethod
     def from_hf(cls, model_or_path, **overrides):
-        """Load an HF MPNetForMaskedLM / MPNetModel (object, local directory or hub name). `transformers` is imported
-        only here. An MPNetModel has no LM head: the head keeps its fresh init. mask_id defaults to the last id
-        (fairseq appends <mask> to the dictionary, e.g. 30526 in microsoft/mpnet-base); override it if yours differs."""
+        """Load an HF MPNetForMaskedLM, or MPNetModel (its LM head stays fresh): object, directory or hub name. mask_id
+        defaults to the last id, where fairseq appends <mask> (30526 in microsoft/mpnet-base), or pass mask_id."""
         from transformers import MPNetForMaskedLM
         hf = MPNetForMaskedLM.from_pretrained(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) \
             else model_or_path
@@ -689,8 +666,7 @@ class MPNext(nn.Module):
         if hc.hidden_act not in ACTIVATIONS:
             raise ValueError(f"MPNet checkpoint uses activation {hc.hidden_act!r}; MPNext supports {list(ACTIVATIONS)}")
         mask_id = overrides.pop("mask_id", hc.vocab_size - 1)
-        specials = tuple(sorted({i for i in (hc.bos_token_id, 1, hc.eos_token_id, 3, mask_id)
-                                 if i is not None}))
+        specials = tuple(sorted({i for i in (hc.bos_token_id, 1, hc.eos_token_id, 3, mask_id) if i is not None}))
         cfg = MPNextConfig(**{**dict(
             vocab_size=hc.vocab_size, n_layer=hc.num_hidden_layers, n_head=hc.num_attention_heads,
             d_model=hc.hidden_size, d_ff=hc.intermediate_size, max_len=hc.max_position_embeddings - 2,
@@ -717,13 +693,9 @@ class MPNext(nn.Module):
         return model
 
     def to_hf(self, out_dir, labels=None):
-        """Write an HF MPNetForMaskedLM checkpoint (config.json + model.safetensors when the `safetensors` package is
-        installed, else pytorch_model.bin) without needing `transformers`; `MPNetForMaskedLM.from_pretrained(out_dir)`
-        gives the same logits. A fine-tuned model (n_classes > 0) goes out as MPNetForSequenceClassification, with its
-        head. Only the main encoder and its heads go out: the ELECTRA generator and the discriminator and SBO heads are
-        pre-training tools, kept in MPNext checkpoints only (as ELECTRA discards its generator). After classic ELECTRA
-        (mlm + rtd) the LM head is untrained. A model trained without dropout gets 0.1 in the exported config, the
-        value MPNet fine-tunes with, so that HF fine-tuning regularises as users expect."""
+        """Write an HF MPNetForMaskedLM (MPNetForSequenceClassification if n_classes > 0), same logits, no transformers
+        needed. The generator and RTD / SBO heads stay behind, as ELECTRA discards its generator (after mlm + rtd the
+        LM head is untrained). Dropout 0 goes out as MPNet's 0.1, the value HF fine-tuning users expect."""
         cfg = self.cfg
         check_hf_exportable(cfg)
         sd = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
@@ -786,26 +758,24 @@ def _hf_names(n_layer):
     for i in range(n_layer):
         h, o = f"mpnet.encoder.layer.{i}.", f"blocks.{i}."
         for t in ("weight", "bias"):
-            names.update({h + f"attention.attn.o.{t}": o + f"attn.proj.{t}", h + f"attention.LayerNorm.{t}": o + f"ln1.{t}",
-                          h + f"intermediate.dense.{t}": o + f"fc1.{t}", h + f"output.dense.{t}": o + f"fc2.{t}",
-                          h + f"output.LayerNorm.{t}": o + f"ln2.{t}"})
+            names.update({h + f"attention.attn.o.{t}": o + f"attn.proj.{t}",
+                          h + f"attention.LayerNorm.{t}": o + f"ln1.{t}", h + f"intermediate.dense.{t}": o + f"fc1.{t}",
+                          h + f"output.dense.{t}": o + f"fc2.{t}", h + f"output.LayerNorm.{t}": o + f"ln2.{t}"})
     return names
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 6. Input builders (the collator of MPNet's fairseq task, vectorised; spec mpnet.md Sec. 1), and the inputs of the
+# 6. Input builders (the collator of MPNet's fairseq task masked_permutation_lm, vectorised), and the inputs of the
 #    extra heads: ELECTRA (Clark et al., arXiv 2003.10555) and SpanBERT (Joshi et al., arXiv 1907.10529)
 #
-# From a batch of token ids (B, N) and optional word-start flags, all objectives share one random draw: the same
-# seed selects the same predicted tokens whatever the objective, so recipes are compared on equal footing.
+# All objectives share one random draw, so the same seed predicts the same tokens whatever the objective:
 #   1. masking units: single tokens, whole words, or SpanBERT spans of whole words
 #   2. a budget per row, round(pred_ratio x its non-pad tokens), and a random order of the units: the last units are
 #      predicted, whole units only, the unit cut by the budget kept or dropped, whichever is nearer the budget
 #   3. the predicted block reshuffled token by token: the order of prediction (see permute)
 #   4. 80/10/10 corruption of the predicted tokens, drawn once (both MPNet mask copies share it; once per span)
-# Rows may predict different numbers of tokens (padding; whole units): the batch holds P = the largest count and a
-# row with fewer starts its predicted block with fillers, whose target is IGNORE and which the two-stream layout fills
-# with padding, never a key. With a uniform count (no padding, token units) the layout is exactly MPNet's.
+# Rows may predict different numbers of tokens (padding, whole units): P is the largest count, and a row with fewer
+# starts its predicted block with fillers (target IGNORE, fed as padding). With one count, the layout is MPNet's.
 
 IGNORE = -100  # target of a filler slot (F.cross_entropy's ignore_index)
 
@@ -834,8 +804,7 @@ def truncated_geometric(shape, p, max_len, generator):
 
 
 def masking_units(input_ids, cfg, generator, word_starts=None):
-    """(B, N) the unit each token belongs to, numbered left to right: the token itself ("token"), its word ("word"),
-    or its span of whole words ("span")."""
+    """(B, N) the unit of each token, numbered left to right: the token ("token"), its word ("word") or its span."""
     B, N = input_ids.shape
     if cfg.masking == "token":
         return torch.arange(N, device=input_ids.device).expand(B, N)
@@ -847,9 +816,8 @@ def masking_units(input_ids, cfg, generator, word_starts=None):
     word = starts.long().cumsum(1) - 1  # (B, N) index of each token's word
     if cfg.masking == "word":
         return word
-    # SpanBERT draws a length, then an anchor, until the budget is spent. We cut every row into consecutive spans of
-    # drawn lengths instead and let permute pick spans at random: the picked spans have the same length distribution,
-    # and the pick stays one vectorised sort. A row has at most N words, and N spans of >= 1 word cover them.
+    # SpanBERT draws a length, then an anchor, until the budget is spent; we cut each row into N consecutive spans of
+    # drawn lengths (>= 1 word each: they cover it) and let permute pick some: same lengths, one vectorised sort.
     lengths = truncated_geometric((B, N), cfg.span_p, cfg.span_max, generator)
     first_word = (lengths.cumsum(1) - lengths).clamp(max=N)  # (B, N) first word of each span
     span_start = torch.zeros(B, N + 1, dtype=torch.long, device=input_ids.device).scatter_(1, first_word, 1)
@@ -857,8 +825,7 @@ def masking_units(input_ids, cfg, generator, word_starts=None):
 
 
 def permute(input_ids, unit, cfg, generator):
-    """Returns (order (B, N), n_pred (B,)): order lists a row's original positions, its non-predicted tokens first
-    and its n_pred[b] predicted tokens last, in prediction order."""
+    """(order (B, N), n_pred (B,)): each row's original positions, non-predicted first, the n_pred predicted last."""
     B, N = input_ids.shape
     ok = predictable(input_ids, cfg)
     budget = torch.minimum((cfg.pred_ratio * (input_ids != cfg.pad_id).sum(1)).round().long(), ok.sum(1))
@@ -868,8 +835,7 @@ def permute(input_ids, unit, cfg, generator):
     score = torch.rand(B, N, generator=generator, device=generator.device).gather(1, unit)  # one score per unit
     score = torch.where(ok, score, -1.0)  # unpredictable tokens sort first: never predicted
     order = torch.sort(score, dim=1, stable=True).indices  # stable: a unit's tokens stay together, in order
-    # Whole units: the unit that the budget boundary cuts is predicted if at least half of it lies inside the budget
-    # (or if nothing else would be), else it stays visible. So no word or span is ever half hidden.
+    # whole units: the unit the budget cuts is predicted if half of it fits (or nothing else would be), else visible
     rank = torch.arange(N, device=input_ids.device).expand(B, N)
     cut = (N - budget)[:, None]  # (B, 1) first predicted rank, before rounding to whole units
     sorted_unit = unit.gather(1, order)
@@ -878,9 +844,8 @@ def permute(input_ids, unit, cfg, generator):
     last = torch.where(same, rank, -1).amax(1, keepdim=True) + 1
     cut = torch.where((last - cut >= cut - first) | (last == N), first, last)  # (a budget of 1 token predicts 1 unit)
     n_pred = N - cut[:, 0]
-    # The predicted block is reshuffled token by token, as MPNet does after its whole-word permutation: the unit
-    # decides what is hidden, the token order decides what each prediction may see. So a span's tokens are predicted
-    # in random order, each seeing those predicted before it: PLM's output dependency inside the span too.
+    # Reshuffle the predicted block token by token, as MPNet does after its whole-word permutation: the unit decides
+    # what is hidden, the token order what each prediction sees (so PLM's dependency holds inside a span too).
     P = int(n_pred.max())
     shuffle = torch.rand(B, P, generator=generator, device=generator.device)
     # a two-level sort key: non-predicted ranks keep their order (keys in [0, 1)), predicted ones shuffle in [1, 2)
@@ -900,12 +865,9 @@ def corrupt(targets, cfg, generator, u=None):
 
 
 def span_boundaries(input_ids, is_pred, pred, valid, row_of, cfg):
-    """SBO inputs (SpanBERT Sec. 3.2). A span is a maximal run of predicted positions (adjacent spans merge, as in
-    SpanBERT), so both boundaries x_{s-1}, x_{e+1} are non-predicted tokens, whose rows never see predicted content
-    in any layout (the two-stream masks of section 4; MLM hides the span). A span whose boundary is not an ordinary
-    token (the row's edge, <s>, </s>, padding; SpanBERT skips spans at the block edge) gets no SBO term, nor do tokens
-    SBO_MAX_OFFSET or more from the left boundary.
-    Returns sbo_left / sbo_right (B, P): encoder rows of the boundaries, sbo_offset, sbo_targets."""
+    """SBO inputs (SpanBERT Sec. 3.2): sbo_left / sbo_right (B, P), the boundaries' encoder rows; sbo_offset, targets.
+    A span is a maximal run of predicted positions, so its boundaries are non-predicted, rows that never see predicted
+    content (section 4). No term at the row's edge or a special token, nor SBO_MAX_OFFSET or more inside a span."""
     B, N = input_ids.shape
     pos = torch.arange(N, device=input_ids.device).expand(B, N)
     left = torch.where(is_pred, -1, pos).cummax(1).values.gather(1, pred)  # last non-predicted position <= pred
@@ -921,9 +883,8 @@ def span_boundaries(input_ids, is_pred, pred, valid, row_of, cfg):
 
 
 def make_batch(input_ids, cfg, generator, word_starts=None, objective=None):
-    """Build the model input for objective "mpnet" | "plm" | "mlm" (default cfg.objective) from (B, N) token ids, with
-    the inputs of the ELECTRA and SBO heads when cfg.rtd / cfg.sbo. Returns a dict with "kind", "input_ids",
-    "targets" (B, P) (IGNORE at fillers) and "positions" (two-stream) or "pred_positions" (MLM); see rtd_inputs."""
+    """The batch of objective "mpnet" | "plm" | "mlm" (default cfg.objective) for (B, N) token ids: "kind", "input_ids",
+    "targets" (B, P), "positions" (two-stream) or "pred_positions" (MLM), and the cfg.rtd / cfg.sbo heads' inputs."""
     if objective is not None and objective != cfg.objective:
         cfg = replace(cfg, objective=objective)
         check_config(cfg)  # e.g. mlm + rtd + sbo is refused whatever asked for it
@@ -972,27 +933,21 @@ def make_batch(input_ids, cfg, generator, word_starts=None, objective=None):
 
 
 # ELECTRA's replaced-token detection (Clark et al., arXiv 2003.10555, Sec. 2), two ways:
-#   mlm + rtd, classic ELECTRA: the generator reads the masked sentence and fills in the predicted positions; the main
-#       model (the discriminator) reads the original sentence with those samples, in natural order, and labels every
-#       real token. It has no LM loss, as in the paper.
-#   mpnet + rtd, MPNext's one-pass design ("C"; no paper has it): MPNet's two-stream input, with rtd_ratio of the
-#       NON-predicted tokens (a set disjoint from the predicted ones) replaced by generator samples. One pass gives:
-#
+#   mlm + rtd, classic ELECTRA: the generator fills in the masked positions; the main model (the discriminator) reads
+#       the original sentence with those samples, in natural order, labels every real token, and has no LM loss.
+#   mpnet + rtd, MPNext's own one-pass design (no paper has it): MPNet's two-stream input, with rtd_ratio of the
+#       NON-predicted tokens (disjoint from the predicted ones) replaced by generator samples. One pass gives:
 #       rows of the main input      what they hold                        loss
 #       non-predicted content       original tokens, some replaced       RTD (binary: replaced or not)
 #       predicted content p_k       original tokens                      none (autoregressive keys for the queries)
 #       mask copies m_k             80/10/10 corruption                  none (MLM with --return-mlm)
 #       query rows q_k              the same                             permuted LM on the ORIGINAL tokens
-#
-#       The generator must not see what the non-predicted rows may not see, or its samples would smuggle predicted
-#       content into them: it reads the sentence with the predicted tokens as their mask copies (mpnet) or hidden
-#       from every key (plm), and the replaced set as 80/10/10 corrupted, and predicts the replaced set.
-#   plm + rtd: the same without position compensation.
+#       The generator sees only what the non-predicted rows see, else its samples would smuggle predicted content in:
+#       predicted tokens as mask copies (mpnet) or hidden (plm). plm + rtd: the same without position compensation.
 
 
 def replaced_count(cfg, n):
-    """R, the width of the replaced set of MPNet + RTD for rows of n tokens: rtd_ratio of the non-predicted part,
-    counted from the padded length as MPNet counts P, so the shapes are fixed for a given length."""
+    """R for rows of n tokens: rtd_ratio of the padded length's non-predicted part (as MPNet counts P): fixed shapes."""
     return round(cfg.rtd_ratio * (n - round(cfg.pred_ratio * n)))
 
 
@@ -1029,14 +984,10 @@ def rtd_inputs(input_ids, batch, is_pred, pred, masked, row_of, W, cfg, generato
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 7. Fine-tuning and probing
+# 7. Fine-tuning (MPNet Sec. 3.3, as RoBERTa, arXiv 1907.11692)
 #
-# Fine-tuning (MPNet Sec. 3.3, as RoBERTa): encode `<s> a </s>` or the pair `<s> a </s></s> b </s>` in natural order,
-# pool, ClassificationHead, cross-entropy (MPNext.loss with batch["labels"]). Probing (SentEval, Conneau & Kiela,
-# arXiv 1803.05449): freeze the encoder, mean-pool the last layer, fit a logistic regression whose L2 strength is
-# picked on the validation split. The probe trains no encoder weight, so it is cheap and varies little across seeds:
-# it measures what pre-training put into the features, which is the lab's question.
-
+# Encode `<s> a </s>`, or the pair `<s> a </s></s> b </s>`, in natural order; pool the last layer; ClassificationHead;
+# cross-entropy against batch["labels"] (MPNext.loss). The batches come from the caller, with kind "cls".
 
 def pool(h, attention_mask, how="first"):
     """(B, T, D) hidden states -> (B, D): the first row (<s>), or the mean over the non-pad rows."""
@@ -1046,93 +997,18 @@ def pool(h, attention_mask, how="first"):
     return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def logistic_regression(x, y, n_classes, l2, max_iter=200):
-    """Multinomial logistic regression by full-batch L-BFGS: min_W,b mean CE(x W^T + b, y) + l2/2 |W|^2 (no penalty
-    on b). x (n, d), y (n,). Deterministic: no sampling anywhere. Returns the fitted nn.Linear."""
-    lin = nn.Linear(x.shape[1], n_classes, dtype=x.dtype)
-    nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)  # convex problem: start at zero, same answer every time
-    opt = torch.optim.LBFGS(lin.parameters(), max_iter=max_iter, tolerance_grad=1e-8, tolerance_change=1e-12,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(lin(x), y) + 0.5 * l2 * lin.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return lin
-
-
-def macro_f1(pred, y, n_classes):
-    """The mean over classes of F1 = 2 TP / (2 TP + FP + FN), over the classes present in pred or y (as sklearn)."""
-    f1 = []
-    for c in range(n_classes):
-        tp = ((pred == c) & (y == c)).sum().item()
-        wrong = ((pred == c) != (y == c)).sum().item()  # FP + FN
-        if tp + wrong:
-            f1.append(2 * tp / (2 * tp + wrong))
-    return sum(f1) / max(len(f1), 1)
-
-
-PROBE_L2 = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # SentEval's grid of L2 strengths, picked on validation
-
-
-def probe(features, labels, n_classes, grid=PROBE_L2):
-    """features/labels: dicts over "train", "dev", "test" of (n, d) float and (n,) long tensors. Standardises with the
-    training statistics, fits one classifier per L2 strength, keeps the best on dev (ties: the stronger penalty).
-    Returns {"dev_acc", "test_acc", "test_f1", "l2", "pred": the test predictions}."""
-    mu, sd = features["train"].mean(0), features["train"].std(0).clamp(min=1e-6)
-    x = {k: ((v - mu) / sd).double() for k, v in features.items()}
-    best = None
-    for l2 in sorted(grid, reverse=True):
-        lin = logistic_regression(x["train"], labels["train"], n_classes, l2)
-        with torch.no_grad():
-            dev_acc = (lin(x["dev"]).argmax(-1) == labels["dev"]).double().mean().item()
-        if best is None or dev_acc > best[0]:
-            best = dev_acc, l2, lin
-    dev_acc, l2, lin = best
-    with torch.no_grad():
-        pred = lin(x["test"]).argmax(-1)
-    return {"dev_acc": dev_acc, "test_acc": (pred == labels["test"]).double().mean().item(),
-            "test_f1": macro_f1(pred, labels["test"], n_classes), "l2": l2, "pred": pred}
-
-
-def probe_cv(x, y, n_classes, folds=10, seed=0):
-    """SentEval's protocol for tasks without a fixed split, such as MR and SUBJ: K-fold cross-validation (Sec. 4 of
-    arXiv 1803.05449). Fold k is the test set once, fold k+1 picks the L2 strength, the other K-2 folds train; the
-    scores pool every example's prediction. SentEval picks L2 by an inner cross-validation instead: one held-out
-    fold is K times cheaper. Folds are stratified: each class's examples, shuffled, are dealt round the folds."""
-    g, fold = torch.Generator().manual_seed(seed), torch.empty_like(y)
-    for c in range(n_classes):
-        idx = (y == c).nonzero().squeeze(1)
-        fold[idx[torch.randperm(len(idx), generator=g)]] = torch.arange(len(idx)) % folds
-    pred, dev_acc = torch.empty_like(y), []
-    for k in range(folds):
-        part = {"test": fold == k, "dev": fold == (k + 1) % folds}
-        part["train"] = ~(part["test"] | part["dev"])
-        res = probe({s: x[m] for s, m in part.items()}, {s: y[m] for s, m in part.items()}, n_classes)
-        pred[part["test"]] = res["pred"]
-        dev_acc.append(res["dev_acc"])
-    return {"dev_acc": sum(dev_acc) / folds, "test_acc": (pred == y).double().mean().item(),
-            "test_f1": macro_f1(pred, y, n_classes), "pred": pred, "fold": fold}
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # 8. Optimizers: a combination lab
 #
 #   Adam         Kingma & Ba, arXiv 1412.6980 (Alg. 1)        AdamW      Loshchilov & Hutter, arXiv 1711.05101 (Alg. 2)
 #   RAdam        Liu et al., arXiv 1908.03265 (Alg. 2)        Lookahead  Zhang et al., arXiv 1907.08610 (Alg. 1)
-#   GC           Gradient Centralization, Yong et al., arXiv 2004.01461
-#   AGC          Adaptive Gradient Clipping (NFNets), Brock et al., arXiv 2102.06171
+#   GC           Gradient Centralization, arXiv 2004.01461    AGC        Adaptive Gradient Clipping, arXiv 2102.06171
 #   Ranger21     Wright & Demeure, arXiv 2106.13731, bundling Positive-Negative Momentum (arXiv 2103.17182), Stable
 #                Weight Decay (arXiv 2011.11152), Norm Loss (arXiv 2103.06583) and a softplus denominator (1908.00700)
 #
 # One Adam core (adam_moments_, adam_denominator) serves AdamW, RAdam and Ranger21, in torch.optim.AdamW's order:
 #   theta <- theta*(1 - lr*lam);  m <- b1*m + (1-b1)*g;  v <- b2*v + (1-b2)*g^2;  t = 1, 2, ...
 #   theta <- theta - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
-# Each optimizer can switch on AGC -> GC -> normalized GC at the start of step(); all state is tensors or numbers.
 
 def centralize_gradient_(grad: torch.Tensor, conv_only: bool = False) -> torch.Tensor:
     """GC, in place: g_i <- g_i - mean(g_i) for each output unit i (PyTorch weights are [out, ...], so the paper's
@@ -1143,8 +1019,7 @@ def centralize_gradient_(grad: torch.Tensor, conv_only: bool = False) -> torch.T
 
 
 def normalize_gradient_(grad: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Ranger21's normalized GC, in place: g <- g / (std(g) + eps), whole-tensor unbiased std, if numel > 2.
-    Candidly: every tensor then reaches the moments with std ~ 1, so its gradient scale (and most of AGC) is gone."""
+    """Ranger21's normalized GC, in place: g <- g / (std(g) + eps) if numel > 2, erasing g's scale (and most of AGC)."""
     if grad.numel() > 2:
         grad.div_(grad.std() + eps)
     return grad
@@ -1164,27 +1039,14 @@ def adaptive_clip_grad_(p: torch.Tensor, clip: float = 0.01, eps: float = 1e-3) 
     p.grad.copy_(torch.where(grad_norm > max_norm, p.grad * (max_norm / grad_norm), p.grad))
 
 
-def clip_global_norm_(params, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-    """Global norm clipping as torch.nn.utils.clip_grad_norm_: total = ||(||g_1||, ..., ||g_n||)||_p, then
-    g <- g * min(1, max_norm / (total + 1e-6)). Returns the total norm before clipping."""
-    grads = [p.grad for p in ([params] if isinstance(params, torch.Tensor) else params) if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, norm_type) for g in grads]), norm_type)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef.to(g.device))
-    return total
-
-
 # gradient switches understood by every optimizer below, per param group (Ranger21 turns gc/norm_gc/agc on)
 GRAD_OPTIONS = dict(gc=False, gc_conv_only=False, norm_gc=False, agc=False, agc_clip=0.01, agc_eps=1e-3,
                     agc_exempt=False)
 
 
 class LabOptimizer(torch.optim.Optimizer):
-    """torch.optim.Optimizer + GRAD_OPTIONS as param-group entries (so the output layer's group can carry
-    agc_exempt=True). Order as in Ranger21: AGC -> GC -> norm-GC, in place on p.grad (the caller sees it)."""
+    """torch.optim.Optimizer + GRAD_OPTIONS per param group (the output layer's can carry agc_exempt=True), applied at
+    the start of step() in Ranger21's order, AGC -> GC -> norm-GC, in place on p.grad (the caller sees it)."""
 
     def __init__(self, params, defaults: dict, grad_options: dict):
         if set(grad_options) - set(GRAD_OPTIONS):
@@ -1246,7 +1108,7 @@ def weight_decay_(p: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: 
 
 
 class AdamW(LabOptimizer):
-    """AdamW from scratch, in torch.optim.AdamW's exact order (bitwise equal to it on CPU in our tests)."""
+    """AdamW from scratch, in torch.optim.AdamW's exact order."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, **grad_options):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), grad_options)
@@ -1266,15 +1128,15 @@ class AdamW(LabOptimizer):
 
 
 class RAdam(LabOptimizer):
-    """RAdam (Alg. 2) as torch.optim.RAdam computes it: rectified step while rho_t > 5 (torch's threshold; the paper
-    says > 4, one step earlier), else SGD with bias-corrected momentum (no v, no eps). Weight decay is L2, or
-    decoupled with decoupled_weight_decay=True (the paper's experiments). degenerated_to_sgd=False is the author's
-    later advice: no update and no weight decay until rectified (m and v still accumulate)."""
+    """RAdam (Alg. 2) as torch.optim.RAdam computes it: rectified step while rho_t > 5 (the paper: > 4), else SGD with
+    bias-corrected momentum. Weight decay L2, or decoupled (decoupled_weight_decay=True, the paper's experiments).
+    degenerated_to_sgd=False, the author's later advice: no update nor decay until rectified (m, v still accumulate)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
                  degenerated_to_sgd=True, **grad_options):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, degenerated_to_sgd=
-                                      degenerated_to_sgd, decoupled_weight_decay=decoupled_weight_decay), grad_options)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, degenerated_to_sgd=degenerated_to_sgd,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, grad_options)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -1307,8 +1169,7 @@ def lookahead_sync_(p: torch.Tensor, slow: torch.Tensor, alpha: float) -> None:
 
 
 class SlowWeights:
-    """`with SlowWeights(opt): evaluate()` loads the Lookahead slow weights phi (opt.state[p]["slow_param"]) into the
-    model and restores the fast weights afterwards; params without phi yet (before the first step) stay as they are."""
+    """`with SlowWeights(opt): evaluate()` runs with the Lookahead slow weights phi (where taken yet), then restores."""
 
     def __init__(self, optimizer):
         self.optimizer, self.fast = optimizer, []
@@ -1330,11 +1191,9 @@ class SlowWeights:
 
 
 class Lookahead(torch.optim.Optimizer):
-    """Lookahead around any optimizer. param_groups and defaults ARE the inner optimizer's (LR schedulers, GradScaler
-    and zero_grad work through the wrapper); self.state holds the slow weights only, and the sync counter is
-    group["la_step"], so state_dict() carries both. Optimizer.__init__ is skipped on purpose (it would copy the
-    groups). phi is copied at the first step(), before its update: the same as at construction, but safe when the
-    weights are loaded after the wrapper is built (michaelrzhang's code then drags them halfway back to the init)."""
+    """Lookahead around any optimizer. param_groups and defaults ARE the inner one's (Optimizer.__init__ would copy
+    them), so schedulers and GradScaler work through it; self.state holds the slow weights phi, group["la_step"] the
+    sync counter. phi is taken at the first step(), so weights loaded after construction are not dragged back."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, k: int = 5, alpha: float = 0.5):
         if k < 1 or not 0.0 <= alpha <= 1.0:
@@ -1400,14 +1259,10 @@ class Ranger(Lookahead):
 
 
 class Ranger21(LabOptimizer):
-    """Ranger21 (arXiv 2106.13731): AdamW + AGC -> GC -> norm-GC, positive-negative momentum, stable weight decay,
-    norm loss, softplus denominator, Lookahead, linear warmup and warmdown; every part is a switch, and with all of
-    them off this is exactly AdamW. Fixed, unlike the original code: weight decay and norm loss reach every tensor
-    (a leaked loop variable applied them to one tensor per group); PNM uses pnm_momentum_factor b0 (hard-wired to 1,
-    and normalized with b2, there); AMSGrad keeps a real running max (the max was written into v: dead code).
-    Our choices: norm loss follows weight decay (groups with weight_decay > 0, so not biases/LayerNorm/embeddings);
-    the schedule scales each group's own lr (not the constructor lr) and is not written into group["lr"]; the
-    lookahead counter is each param's step; grads get GC + norm-GC once (the original repeats both, a near no-op)."""
+    """Ranger21 (arXiv 2106.13731): AdamW + AGC -> GC -> norm-GC, PNM, stable weight decay, norm loss, softplus,
+    Lookahead, warmup and warmdown, each a switch (all off: AdamW). Unlike the original code, weight decay and norm
+    loss reach every tensor, PNM uses b0 = pnm_momentum_factor, AMSGrad keeps a real max, GC + norm-GC run once. Norm
+    loss only where weight_decay > 0; the schedule scales each group's lr without writing it; lookahead counts steps."""
 
     def __init__(self, params, lr, num_iterations=None, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4, *,
                  use_warmup=True, num_warmup_iterations=None, warmdown_active=True, warmdown_start_pct=0.72,
@@ -1497,11 +1352,9 @@ class Ranger21(LabOptimizer):
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas=(0.9, 0.98), eps=1e-6,
                     lookahead=False, gc=False, num_iterations=None, output_layer_names=()) -> torch.optim.Optimizer:
-    """The optimizer for train.py; name is adamw, radam, ranger or ranger21. Weight decay only on params with
-    ndim >= 2 that are not nn.Embedding weights (no decay for biases, LayerNorm, embeddings), and GC never on the
-    no-decay group (embedding rows are not the CNN "weight vectors" of GC's evidence). Modules or parameters named
-    in output_layer_names are exempt from AGC. RAdam decays decoupled here. lookahead=True wraps adamw/radam (Ranger
-    and Ranger21 include it); Ranger21's warmup/warmdown need num_iterations and stack with any outside schedule."""
+    """The optimizer for train.py. Weight decay only on non-embedding params with ndim >= 2, and GC never without it
+    (embedding rows are not the CNN "weight vectors" of GC's evidence); output_layer_names skip AGC. lookahead=True
+    wraps adamw/radam; Ranger21's own warmup/warmdown need num_iterations and stack with any outside schedule."""
     named = {n: list(m.parameters()) for n, m in model.named_modules() if n}  # a module name, or ...
     named.update((n, [p]) for n, p in model.named_parameters())  # ... a parameter name (e.g. a bare output bias)
     if any(n not in named for n in output_layer_names):
@@ -1527,13 +1380,12 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     elif name == "ranger21":
         return Ranger21(param_groups, lr, num_iterations, betas, eps, weight_decay)
     else:
-        raise ValueError(f"unknown optimizer {name!r}: use adamw, radam, ranger or ranger21")
+        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(CHOICES['optimizer'])}")
     return Lookahead(optimizer) if lookahead else optimizer
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 9. Learning-rate schedules
-
 
 def lr_multiplier(step, warmup_steps, total_steps, decay="linear", min_ratio=0.0):
     """Multiplier of the peak learning rate at `step` (0-based): linear warmup that starts above zero, then linear

@@ -1,11 +1,12 @@
-"""MPNext test suite: run with `python -m pytest -q test_mpnext.py`.
+"""The core's tests, in the order of mpnext.py's sections, then data.py and train.py; the lab's are in lab/. Run
+both with `python -m pytest -q test_mpnext.py lab`.
 
 Every claim is checked against a reference: torch.nn.functional, torch.optim, Hugging Face transformers' MPNet (tests
 skip cleanly when it is not installed), closed forms, and information-flow tests for every attention mask.
 """
 
+import ast
 import copy
-import dataclasses
 import io
 import json
 import math
@@ -15,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -27,8 +27,8 @@ import data
 import mpnext
 import train
 from mpnext import (AdamW, Lookahead, MPNext, MPNextConfig, RAdam, Ranger, Ranger21, SlowWeights, adam_denominator,
-                    adaptive_clip_grad_, build_optimizer, centralize_gradient_, clip_global_norm_, make_batch,
-                    normalize_gradient_, relative_bucket, two_stream_mask)
+                    adaptive_clip_grad_, build_optimizer, centralize_gradient_, make_batch, normalize_gradient_,
+                    relative_bucket, two_stream_mask)
 
 torch.set_num_threads(2)
 
@@ -54,7 +54,16 @@ def random_ids(B, N, seed=0, cfg=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# activations and relative positions
+# 1-3. configuration, activations and relative positions
+
+
+def test_base_preset_is_mpnet_base():
+    cfg = MPNextConfig.from_preset("base")
+    model = MPNext(cfg)
+    assert model.pos_emb.num_embeddings == 514 and cfg.layer_norm_eps == 1e-5 and cfg.vocab_size == 30527
+    assert 109e6 < model.num_params() < 111e6  # MPNet-base: ~110M
+    with pytest.raises(ValueError, match="unknown preset"):
+        MPNextConfig.from_preset("huge")
 
 
 def test_mish_equals_torch():
@@ -112,7 +121,7 @@ def test_relative_bucket_matches_hf():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# masks: structure
+# 4. two-stream attention masks
 
 
 @pytest.mark.parametrize("n,p", [(7, 3), (10, 1), (12, 5), (5, 5)])
@@ -152,7 +161,7 @@ def test_render_masks_shows_the_paper_example():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# information flow through the full stack
+# 5. the model: information flow through the full stack
 
 
 def two_stream_inputs(cfg, B=2, N=12, seed=0, objective="mpnet"):
@@ -299,7 +308,7 @@ def test_padding_never_leaks():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the one-call two-stream attention equals the paper's two separate attention calls
+# 5. the model: the one-call two-stream attention equals the paper's two separate attention calls
 
 
 def reference_two_stream(model, ids, pos, P):
@@ -352,7 +361,7 @@ def test_one_call_two_stream_equals_two_call_reference(N, seed):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Hugging Face parity
+# 5. the model: Hugging Face parity
 
 
 def hf_pair(seed, **kw):
@@ -434,17 +443,8 @@ def test_models_trained_by_train_py_export_to_hf():
     assert cfg.special_ids == tuple(range(tok.n_special)) and cfg.pad_id == 1
 
 
-def test_base_preset_is_mpnet_base():
-    cfg = MPNextConfig.from_preset("base")
-    model = MPNext(cfg)
-    assert model.pos_emb.num_embeddings == 514 and cfg.layer_norm_eps == 1e-5 and cfg.vocab_size == 30527
-    assert 109e6 < model.num_params() < 111e6  # MPNet-base: ~110M
-    with pytest.raises(ValueError, match="unknown preset"):
-        MPNextConfig.from_preset("huge")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# input builders
+# 6. input builders
 
 
 def test_builders_are_deterministic_under_a_seed():
@@ -556,7 +556,8 @@ def test_tiny_model_overfits_one_batch(objective):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# extra heads: ELECTRA replaced-token detection, SpanBERT span masking and span boundary objective
+# 6. extra heads: ELECTRA replaced-token detection, SpanBERT span masking and span boundary objective
+
 
 COMBOS = [(o, m, r, s) for o in ("mlm", "plm", "mpnet") for m in ("token", "word", "span") for r in (False, True)
           for s in (False, True)]
@@ -817,521 +818,52 @@ def test_generator_shares_the_embeddings():
     assert mpnext.generator_config(tiny_cfg(d_model=768, n_head=12)).n_head == 3  # 192 wide, heads of 64
 
 
-def test_lr_multiplier():
-    assert mpnext.lr_multiplier(0, 10, 100) == pytest.approx(0.1)
-    assert mpnext.lr_multiplier(9, 10, 100) == pytest.approx(1.0)
-    assert mpnext.lr_multiplier(55, 10, 100) == pytest.approx(0.5)
-    assert mpnext.lr_multiplier(100, 10, 100) == pytest.approx(0.0)
-    assert mpnext.lr_multiplier(55, 10, 100, "cosine") == pytest.approx(0.5)
-    assert mpnext.lr_multiplier(100, 10, 100, "cosine", min_ratio=0.1) == pytest.approx(0.1)
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. fine-tuning: the classification head
+
+
+@pytest.mark.parametrize("pooling", ["first", "mean"])
+def test_classification_loss_is_cross_entropy_and_padding_never_leaks(pooling):
+    model = tiny_model(n_classes=3, pooling=pooling)
+    ids = random_ids(4, 12)
+    ids[1, 7:] = 1  # pads
+    ids[1, 6] = 2
+    mask = (ids != 1).long()
+    labels = torch.tensor([0, 2, 1, 0])
+    loss, m = model.loss({"kind": "cls", "input_ids": ids, "attention_mask": mask, "labels": labels})
+    logits = model.classify(ids, mask)
+    assert torch.allclose(loss, F.cross_entropy(logits, labels))
+    assert m["acc"] == (logits.argmax(-1) == labels).float().mean()
+    # row 1 classified alone, without its padding, gives the same logits: pads never reach a real token or the pool
+    alone = model.classify(ids[1:2, :7], mask[1:2, :7])
+    assert torch.allclose(alone, logits[1:2], atol=1e-5)
+    # and what sits in padded slots does not matter
+    ids2 = ids.clone()
+    ids2[1, 7:] = 1
+    assert torch.equal(model.classify(ids2, mask), logits)
+
+
+def test_classification_head_equals_hf_mpnet_for_sequence_classification(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(n_classes=3)
+    for p in model.classifier.parameters():  # not the zero-bias init: a real check
+        nn.init.normal_(p, std=0.5)
+    model.to_hf(tmp_path / "hf")
+    hf = transformers.MPNetForSequenceClassification.from_pretrained(tmp_path / "hf", num_labels=3).eval()
+    hf.classifier.load_state_dict({"dense.weight": model.classifier.dense.weight,
+                                   "dense.bias": model.classifier.dense.bias,
+                                   "out_proj.weight": model.classifier.out_proj.weight,
+                                   "out_proj.bias": model.classifier.out_proj.bias})
+    ids = random_ids(3, 10)
+    ids[2, 6:] = 1
+    mask = (ids != 1).long()
+    with torch.no_grad():
+        assert torch.allclose(model.classify(ids, mask), hf(input_ids=ids, attention_mask=mask).logits, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# data.py: corpora, tokenizer, batches
+# 8. optimizers
 
-SAMPLE = ("The quick brown fox jumps over the lazy dog. It's 2024, and the dog doesn't care!\n"
-          "Whole-word masking needs word boundaries;\ntabs\tand  double  spaces too.\n") * 20
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return data.Tokenizer.train(SAMPLE, vocab_size=data.Tokenizer().vocab_size + 60)
-
-
-def test_bpe_wikipedia_example():
-    # https://en.wikipedia.org/wiki/Byte_pair_encoding: aa -> Z, ab -> Y, ZY -> X, so "aaabdaaabac" -> "XdXac"
-    n0 = len(data.SPECIAL_TOKENS) + 256
-    t = data.Tokenizer.train("aaabdaaabac", vocab_size=n0 + 3)
-    a, b, c, d = (len(data.SPECIAL_TOKENS) + ord(ch) for ch in "abcd")
-    assert t.merges == [(a, a), (a, b), (n0, n0 + 1)]
-    assert t.encode("aaabdaaabac") == [n0 + 2, d, n0 + 2, a, c]
-    assert [t.id_to_piece(i) for i in t.encode("aaabdaaabac")] == ["aaab", "d", "aaab", "a", "c"]
-
-
-@pytest.mark.parametrize("s", ["", "a", " ", "hello world", "  leading and trailing  ", "\n\n\n", "a\r\nb\r\n",
-                               "\ttab\t\tx", "NUL\x00byte", "naïve café", "日本語",
-                               "emoji 👍🏽 🤖!",
-                               "x_y__z 12345 1.5e-3", "<mask> <s> </s> are plain text", "don't we'll I'VE"])
-def test_roundtrip(tok, s):
-    ids = tok.encode(s)
-    assert tok.decode(ids) == s
-    assert all(i >= tok.n_special for i in ids)  # plain text never produces special ids
-
-
-def test_specials_and_decode(tok):
-    assert (tok.bos_id, tok.pad_id, tok.eos_id, tok.mask_id, tok.n_special) == (0, 1, 2, 4, 5)  # MPNet's ids
-    hi = tok.encode("hi")
-    assert tok.decode([tok.pad_id, tok.bos_id] + hi + [tok.mask_id, tok.eos_id, tok.pad_id]) == "<s>hi<mask></s>"
-    assert tok.decode(torch.tensor(hi)) == "hi"
-    assert tok.decode([tok.n_special + 0xE2]) == "\ufffd"  # a lone UTF-8 lead byte
-
-
-def test_train_deterministic_and_save_load(tok, tmp_path):
-    again = data.Tokenizer.train(SAMPLE.split("\n"), vocab_size=tok.vocab_size)  # docs vs one string: same counts
-    assert again.merges == tok.merges and again.fingerprint == tok.fingerprint
-    tok.save(tmp_path / "tok.json")
-    loaded = data.Tokenizer.load(tmp_path / "tok.json")
-    assert loaded.merges == tok.merges and loaded.vocab_size == tok.vocab_size
-    assert loaded.encode(SAMPLE) == tok.encode(SAMPLE)
-    assert not list(tmp_path.glob("*.tmp*"))  # atomic write left no temp file
-
-
-def test_tokenizer_load_errors(tmp_path):
-    for name, content in [("missing.json", None), ("bad.json", "{not json"), ("other.json", json.dumps({"a": 1}))]:
-        p = tmp_path / name
-        if content is not None:
-            p.write_text(content)
-        with pytest.raises(data.DataError, match=name):
-            data.Tokenizer.load(p)
-    with pytest.raises(data.DataError):
-        data.Tokenizer.train("abc", vocab_size=100)
-
-
-def test_word_start_table_and_flags():
-    t = data.Tokenizer.train("the thing, the ring, singing the\n", vocab_size=data.Tokenizer().vocab_size + 10)
-    piece = {t.id_to_piece(i): i for i in range(t.vocab_size)}
-    assert t.word_start[[piece[" the"], piece[" thing"], piece[","], piece["\n"], t.mask_id]].all()
-    assert not t.word_start[[piece["the"], piece["ing"], piece["a"], piece["7"]]].any()
-    assert not t.word_start[t.n_special + 0xC3]  # UTF-8 lead byte: letters like "é" continue a word
-    ids = np.array(t.encode("the thing\nthe thing") + [t.eos_id] + t.encode("singing"))
-    pieces = [t.id_to_piece(i) for i in ids]
-    assert pieces == ["the", " thing", "\n", "the", " thing", "</s>", "s", "inging"]
-    flags = data.word_start_flags(ids, t)
-    # "the" starts a line and "s" a document: forced True although the table says "continuation"
-    assert flags.tolist() == [True, True, True, True, True, True, True, False]
-    tflags = data.word_start_flags(torch.from_numpy(ids).view(1, -1), t)
-    assert tflags.dtype == torch.bool and tflags[0].tolist() == flags.tolist()
-    assert not t.word_start[piece["the"]] and flags.dtype == bool
-
-
-def test_load_documents_file_and_dir(tmp_path):
-    paras = [f"Paragraph {i}." + " word" * 100 for i in range(60)]  # ~60 x 520 chars
-    f = tmp_path / "book.txt"
-    f.write_text("\n\n".join(paras) + "\n", encoding="utf-8")
-    docs = data.load_documents(str(f))
-    assert 10 <= len(docs) <= 20 and all(len(d) >= 2000 for d in docs[:-1])
-    assert "\n\n".join(docs) == "\n\n".join(paras).strip()  # nothing lost but the outer whitespace
-    train, val = data.split_documents(docs, val_fraction=0.1, seed=0)
-    assert len(val) >= 1 and sorted(train + val) == sorted(docs)
-    assert data.split_documents(docs, 0.1, seed=0) == (train, val)
-    one_train, one_val = data.split_documents(["alpha beta gamma delta " * 50], 0.1)
-    assert one_val and (one_train[0] + " " + one_val[0]).split() == ("alpha beta gamma delta " * 50).split()
-    d = tmp_path / "corpus"
-    (d / "sub").mkdir(parents=True)
-    (d / "b.txt").write_text("second", encoding="utf-8")
-    (d / "sub" / "a.txt").write_text("third", encoding="utf-8")
-    (d / "a.txt").write_text("first\n", encoding="utf-8")
-    (d / "skip.md").write_text("not text", encoding="utf-8")
-    assert data.load_documents(str(d)) == ["first", "second", "third"]
-
-
-def test_load_documents_errors(tmp_path):
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "blank.txt").write_text(" \n\t\n  ")
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ok".encode("latin-1"))
-    (tmp_path / "nodocs").mkdir()
-    (tmp_path / "nodocs" / "x.csv").write_text("a,b")
-    cases = {"missing.txt": "no such file", "empty.txt": "empty", "blank.txt": "empty",
-             "latin1.txt": "offset 3.*UTF-8", "nodocs": "no .txt files"}
-    for name, why in cases.items():
-        with pytest.raises(data.DataError, match=why) as e:
-            data.load_documents(str(tmp_path / name))
-        assert name in str(e.value) and "\n" not in str(e.value)
-
-
-def test_batches(tok):
-    stream = data.encode_documents(SAMPLE.split("\n\n") * 3, tok)
-    assert stream.dtype == np.uint16 and stream[-1] == tok.eos_id
-    batches = data.Batches(stream, tok, seq_len=16, batch_size=4)
-    x1, f1 = batches.sample(torch.Generator().manual_seed(0))
-    x2, f2 = batches.sample(torch.Generator().manual_seed(0))
-    assert x1.shape == f1.shape == (4, 16) and x1.dtype == torch.long and f1.dtype == torch.bool
-    assert torch.equal(x1, x2) and torch.equal(f1, f2)
-    assert (x1[:, 0] == tok.bos_id).all()
-    assert torch.equal(f1, data.word_start_flags(x1, tok))  # same flags as computing them on the rows
-    text = tok.decode(x1[0, 1:])
-    assert text in tok.decode(stream)  # rows are consecutive stream tokens
-    rows = [x for x, _ in batches.iterate()]
-    assert sum(len(r) for r in rows) == len(stream) // 15  # every full block of 15 stream tokens, in order
-    covered = torch.cat(rows)[:, 1:].reshape(-1)
-    n = len(stream) // 15 * 15
-    assert torch.equal(covered, torch.from_numpy(stream[:n].astype(np.int64)))
-    with pytest.raises(data.DataError, match="shorter than one block"):
-        data.Batches(stream[:10], tok, seq_len=16, batch_size=4, name="val")
-
-
-def test_encode_documents_cache(tok, tmp_path, monkeypatch):
-    docs = ["first document here.", "and a second one"]
-    path = tmp_path / "stream.npz"
-    s1 = data.encode_documents(docs, tok, cache_path=path)
-    assert s1.tolist() == tok.encode(docs[0]) + [tok.eos_id] + tok.encode(docs[1]) + [tok.eos_id]
-    monkeypatch.setattr(tok, "encode", lambda text: pytest.fail("cache not used"))
-    assert np.array_equal(data.encode_documents(docs, tok, cache_path=path), s1)
-    monkeypatch.undo()
-    other = data.Tokenizer.train("first document", vocab_size=data.Tokenizer().vocab_size + 5)
-    s2 = data.encode_documents(docs, other, cache_path=path)  # different tokenizer -> rebuilt
-    assert s2.tolist() == other.encode(docs[0]) + [2] + other.encode(docs[1]) + [2]
-    with pytest.raises(data.DataError):
-        data.encode_documents(["", ""], tok)
-
-
-def test_default_corpus(tmp_path):
-    docs = data.default_corpus(cache_dir=tmp_path)
-    assert sum(map(len, docs)) > 500_000 and all(d.strip() for d in docs)
-    assert data.load_documents(None, cache_dir=tmp_path) == docs  # second call reads the cache back exactly
-    assert "Return" in "".join(docs[:50])  # English prose, not code
-
-
-def test_bpe_matches_naive_reference():
-    # the incremental heap trainer must pick exactly what a from-scratch recount would (max count, then smallest pair)
-    rng = random.Random(0)  # small alphabet and short words: lots of count ties to break
-    text = " ".join("".join(rng.choice("abcde") for _ in range(rng.randint(1, 6))) for _ in range(1500))
-    tok = data.Tokenizer.train(text, vocab_size=data.Tokenizer().vocab_size + 40)
-    words = {}
-    for w in tok._pat.findall(text):
-        words[w] = words.get(w, 0) + 1
-    seqs = {w: [tok.n_special + b for b in w.encode()] for w in words}
-    merges = []
-    for new_id in range(tok.n_special + 256, tok.vocab_size):
-        counts = {}
-        for w, s in seqs.items():
-            for p in zip(s, s[1:]):
-                counts[p] = counts.get(p, 0) + words[w]
-        best = min(counts, key=lambda p: (-counts[p], p))
-        merges.append(best)
-        seqs = {w: data._merge(s, best, new_id) for w, s in seqs.items()}
-    assert len(merges) == 40 and tok.merges == merges
-
-
-def test_shakespeare_offline_is_a_one_line_data_error(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise OSError("network is unreachable")
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
-    with pytest.raises(data.DataError, match="--data FILE") as e:
-        data.load_documents("shakespeare", cache_dir=tmp_path)
-    assert "\n" not in str(e.value)
-    (tmp_path / "tinyshakespeare.txt").write_text("First Citizen:\nBefore we proceed.\n\nAll:\nSpeak, speak.\n")
-    expected = ["First Citizen:\nBefore we proceed.\n\nAll:\nSpeak, speak."]
-    assert data.load_documents("shakespeare", cache_dir=tmp_path) == expected
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# train.py: end to end, checkpoints, resume, user errors
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def toy_corpus(path, n_docs=12, seed=0):
-    """Small pseudo-English with real structure (a subject-verb-object grammar), written as a directory of .txt files."""
-    rng = random.Random(seed)
-    nouns = "cat dog bird fish horse king queen child farmer sailor river tree house ship garden".split()
-    verbs = "sees finds likes follows paints feeds carries watches builds hears".split()
-    adjs = "old young red green small large quiet happy dark bright".split()
-    os.makedirs(path, exist_ok=True)
-    for d in range(n_docs):
-        sents = []
-        for _ in range(120):
-            a, b = rng.choice(nouns), rng.choice(nouns)
-            sents.append(f"The {rng.choice(adjs)} {a} {rng.choice(verbs)} the {rng.choice(adjs)} {b}.")
-        with open(os.path.join(path, f"doc{d:02d}.txt"), "w") as f:
-            f.write(" ".join(sents) + "\n")
-    return str(path)
-
-
-TINY_ARGS = ["--preset", "tiny", "--n-layer", "2", "--d-model", "64", "--n-head", "2", "--d-ff", "128", "--vocab", "320",
-             "--batch-size", "8", "--seq-len", "32", "--eval-batches", "2", "--samples", "1", "--log-every", "1",
-             "--warmup-steps", "5", "--lr", "3e-3"]
-
-
-def run_train(tmp_path, *extra, out="out"):
-    argv = ["--data", toy_corpus(tmp_path / "corpus"), "--out-dir", str(tmp_path / out), *TINY_ARGS, *extra]
-    assert train.main(argv) == 0
-    return tmp_path / out
-
-
-def read_log(out):
-    return [json.loads(line) for line in open(out / "log.jsonl")]
-
-
-def test_train_end_to_end_loss_falls_and_checkpoint_roundtrips(tmp_path, capsys):
-    out = run_train(tmp_path, "--max-steps", "60", "--eval-every", "30")
-    rows = read_log(out)
-    train_rows = [r for r in rows if "val_loss" not in r]
-    evals = [r for r in rows if "val_loss" in r]
-    assert len(train_rows) == 60 and [r["step"] for r in evals] == [30, 60]
-    first, last = sum(r["loss"] for r in train_rows[:5]) / 5, sum(r["loss"] for r in train_rows[-5:]) / 5
-    assert last < first - 1.0, (first, last)
-    assert evals[1]["val_loss"] < evals[0]["val_loss"]
-    printed = capsys.readouterr().out
-    assert "summary | mpnet" in printed and "fill-in samples" in printed
-    # the checkpoint loads safely and rebuilds the same model
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 60 and not any(k.startswith("_orig_mod") for k in ckpt["model"])
-    model = MPNext(MPNextConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    tok = data.Tokenizer.load(out / "tokenizer.json")
-    assert model.cfg.vocab_size == tok.vocab_size and model.cfg.mask_id == tok.mask_id
-
-
-@pytest.mark.parametrize("opt,heads", [("adamw", ()), ("ranger", ()), ("ranger21", ()),
-                                       ("adamw", ("--rtd", "--masking", "span", "--sbo"))])
-def test_resume_equals_uninterrupted_run(tmp_path, opt, heads):
-    straight = run_train(tmp_path, "--max-steps", "8", "--eval-every", "4", "--optimizer", opt, *heads, out="a")
-    run_train(tmp_path, "--max-steps", "4", "--schedule-steps", "8", "--eval-every", "4", "--optimizer", opt, *heads,
-              out="b")
-    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # a crash after the checkpoint leaves rows past it
-        f.write(json.dumps({"step": 5, "loss": 0.0}) + "\n")
-    resumed = run_train(tmp_path, "--max-steps", "8", "--resume", out="b")
-    a = torch.load(straight / "ckpt.pt", weights_only=True)
-    b = torch.load(resumed / "ckpt.pt", weights_only=True)
-    assert a["step"] == b["step"] == 8
-    assert any(k.startswith("generator.") for k in a["model"]) == bool(heads)  # the generator is checkpointed
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k  # bitwise on CPU
-    assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(resumed)]
-    assert train.main(["--out-dir", str(resumed), "--max-steps", "8", "--resume"]) == 2  # nothing left to do
-    assert train.main(["--out-dir", str(resumed), "--max-steps", "9", "--resume", "--preset", "small"]) == 2
-
-
-def test_resume_of_a_run_saved_before_masking_existed(tmp_path):
-    """Checkpoints and command lines from before --masking (they said --whole-word) still resume."""
-    out = run_train(tmp_path, "--max-steps", "2", "--eval-every", "2", "--whole-word")
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["model_config"].pop("masking") == "word"
-    ckpt["model_config"]["whole_word"] = True  # the old format
-    torch.save(ckpt, out / "ckpt.pt")
-    run_train(tmp_path, "--max-steps", "3", "--whole-word", "--resume")
-    resumed = torch.load(out / "ckpt.pt", weights_only=True)
-    assert resumed["step"] == 3 and resumed["model_config"]["masking"] == "word"
-
-def test_ctrl_c_saves_a_checkpoint_and_resuming_is_exact(tmp_path):
-    """SIGINT mid-run: the step finishes, a checkpoint is saved, the exit says how to resume (status 130); resuming
-    from it ends bitwise where an uninterrupted run ends."""
-    corpus = toy_corpus(tmp_path / "corpus")
-    common = ["--data", corpus, *TINY_ARGS, "--schedule-steps", "3000", "--eval-every", "1000", "--samples", "0"]
-    out = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *common, "--out-dir", str(out),
-                             "--max-steps", "3000"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 60
-    while not (out / "log.jsonl").exists() or len(open(out / "log.jsonl").readlines()) < 5:  # mid-training
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr
-    assert "--resume" in stdout and "stopped at step" in stdout
-    k = torch.load(out / "ckpt.pt", weights_only=True)["step"]
-    assert 5 <= k < 3000
-    end = str(k + 5)
-    assert train.main(["--out-dir", str(out), "--max-steps", end, "--resume"]) == 0
-    assert train.main([*common, "--out-dir", str(tmp_path / "straight"), "--max-steps", end]) == 0
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("stopped", "straight"))
-    assert a["step"] == b["step"] == k + 5
-    assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
-
-def torchrun(tmp_path, n_proc, *args):
-    """train.py under torchrun on CPU (Gloo): n_proc processes on this machine."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves folders in the temp dir
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n_proc}",
-           os.path.join(HERE, "train.py"), *args]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
-@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                    reason="this torch build has no Gloo")
-@pytest.mark.parametrize("recipe, accum", [([], 1), (["--objective", "mlm", "--rtd"], 2)])
-def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(tmp_path, capsys, recipe, accum):
-    """2 processes x --grad-accum A draw the batches of 1 process x --grad-accum 2A (stream s = rank * A + a), so the
-    loss curves agree up to float summation order; only rank 0 logs and saves; a 2-process run resumes with 2
-    processes; ELECTRA (parameters outside the loss) works with gradient accumulation."""
-    common = ["--data", toy_corpus(tmp_path / "corpus"), *TINY_ARGS, "--dtype", "float32", "--schedule-steps", "10",
-              "--eval-every", "6", "--samples", "0", *recipe]
-    assert train.main([*common, "--out-dir", str(tmp_path / "one"), "--max-steps", "10",
-                       "--grad-accum", str(2 * accum)]) == 0
-    two = ["--out-dir", str(tmp_path / "two"), "--grad-accum", str(accum)]
-    out = torchrun(tmp_path, 2, *common, *two, "--max-steps", "6")
-    assert out.count("MPNext ") == 1 and "stopped" not in out  # one voice: rank 0's
-    assert [r["step"] for r in read_log(tmp_path / "two") if "val_loss" not in r] == list(range(1, 7))
-    assert "holds step" not in torchrun(tmp_path, 2, *common, *two, "--max-steps", "10", "--resume")
-    one, two = ([r["loss"] for r in read_log(tmp_path / d) if "val_loss" not in r] for d in ("one", "two"))
-    assert len(one) == len(two) == 10 and max(abs(a - b) for a, b in zip(one, two)) < 1e-4, (one, two)
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "two"))
-    assert a["step"] == b["step"] == 10 and len(b["rng"]["batches"]) == 2 * accum
-    assert all(torch.allclose(a["model"][n], b["model"][n], atol=1e-4) for n in a["model"])
-    # the same streams in one process: a 2-process checkpoint resumes there with --grad-accum 2A, and nowhere else
-    more = [*common, "--out-dir", str(tmp_path / "two"), "--max-steps", "11", "--schedule-steps", "11", "--resume"]
-    assert train.main(more) == 2 and "batch stream" in capsys.readouterr().err
-    assert train.main([*more, "--grad-accum", str(2 * accum)]) == 0
-
-
-def test_commands_that_run_in_one_process_refuse_torchrun(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    for argv in (["finetune"], ["compare", "--cells", "objective=mlm"], ["--benchmark"]):
-        assert train.main([*argv, "--out-dir", str(tmp_path / "x")]) == 2
-        assert "not torchrun" in capsys.readouterr().err
-
-
-def nan_losses_at(monkeypatch, bad_calls):
-    """Make the training loss NaN on the given training calls (1-based); evaluation is left alone."""
-    real, calls = MPNext.loss, [0]
-
-    def loss(self, batch):
-        value, metrics = real(self, batch)
-        if self.training:
-            calls[0] += 1
-            if calls[0] in bad_calls:
-                value = value * float("nan")
-        return value, metrics
-
-    monkeypatch.setattr(MPNext, "loss", loss)
-
-
-def test_a_nan_loss_is_skipped(tmp_path, monkeypatch, capsys):
-    nan_losses_at(monkeypatch, {3})
-    out = run_train(tmp_path, "--max-steps", "8", "--eval-every", "4")
-    assert "update skipped (1 in a row" in capsys.readouterr().out
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 8 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-
-
-def test_save_every_and_an_all_warmup_warning(tmp_path, monkeypatch, capsys):
-    nan_losses_at(monkeypatch, set(range(6, 100)))  # the run stops at step 10; only --save-every saved before that
-    argv = ["--data", toy_corpus(tmp_path / "corpus"), "--out-dir", str(tmp_path / "out"), *TINY_ARGS,
-            "--max-steps", "40", "--eval-every", "100", "--save-every", "2", "--warmup-steps", "50"]
-    assert train.main(argv) == 1
-    assert "never leaves warmup" in capsys.readouterr().err
-    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 4  # 6, 8, 10 followed NaN steps
-
-
-@pytest.mark.parametrize("poison", [False, True])
-def test_persistent_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys, poison):
-    """NaN losses from step 6 on: updates are skipped (the weights stay good: step 8 is saved) and the run stops after
-    5 in a row. With a NaN weight (poison), validation is NaN too and step 8 must not overwrite step 4's checkpoint."""
-    if poison:
-        real = MPNext.loss
-
-        def loss(self, batch):
-            if self.training and not hasattr(self, "poisoned") and (tmp_path / "out" / "log.jsonl").exists() \
-                    and len(open(tmp_path / "out" / "log.jsonl").readlines()) >= 6:  # 5 steps + the step-4 eval
-                self.poisoned = True
-                with torch.no_grad():
-                    self.head_bias.fill_(float("nan"))
-            return real(self, batch)
-
-        monkeypatch.setattr(MPNext, "loss", loss)
-    else:
-        nan_losses_at(monkeypatch, set(range(6, 100)))
-    argv = ["--data", toy_corpus(tmp_path / "corpus"), "--out-dir", str(tmp_path / "out"), *TINY_ARGS,
-            "--max-steps", "40", "--eval-every", "4"]
-    assert train.main(argv) == 1
-    assert "not finite for 5 steps in a row (up to step 10)" in capsys.readouterr().err
-    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == (4 if poison else 8) and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-
-def test_benchmark_mode_reports_side_by_side(tmp_path, capsys):
-    run_train(tmp_path, "--max-steps", "2")
-    capsys.readouterr()
-    run_train(tmp_path, "--benchmark")  # beside a finished run in the same --out-dir, touching none of its files
-    assert (tmp_path / "out" / "benchmark" / "tokenizer.json").exists()
-    out = capsys.readouterr().out
-    assert "tokenizer |" in out and "MB/s" in out
-    assert "float32: matmul peak measured beside each step" in out
-    for recipe in ("mlm", "plm", "mpnet", "mlm+rtd", "mpnet+rtd", "mpnet+span+sbo"):
-        row = next(line for line in out.splitlines() if line.strip().startswith(f"MPNext {recipe} "))
-        assert "ms/step" in row and "of peak" in row and "build" in row and "GFLOP" in row
-    try:
-        import transformers  # noqa: F401
-        assert "x HF's MLM speed" in out
-    except ImportError:
-        assert "no HF reference row" in out
-    assert "x MLM's time" in next(line for line in out.splitlines() if "MPNext mpnet " in line)
-    run_train(tmp_path, "--benchmark", "--bench-only", "mpnet", "--dtype", "float32")  # one row, one precision
-    rows = [line for line in capsys.readouterr().out.splitlines() if "ms/step" in line]
-    assert len(rows) == 1 and "MPNext mpnet " in rows[0]
-
-
-def test_auto_dtype_is_bf16_where_the_hardware_has_it(monkeypatch):
-    monkeypatch.setattr(train, "native_bf16", lambda device: True)
-    assert train.pick_dtype("auto", "cpu") == torch.bfloat16 and train.pick_dtype("auto", "cuda") == torch.bfloat16
-    monkeypatch.setattr(train, "native_bf16", lambda device: False)
-    assert train.pick_dtype("auto", "cpu") == torch.float32 and train.pick_dtype("auto", "cuda") == torch.float16
-    assert train.pick_dtype("float32", "cpu") == torch.float32  # the opt-out
-
-@pytest.mark.parametrize("preset,width", [("tiny", 128), ("base", 768)])
-def test_help_shows_the_defaults_of_the_preset_in_use(preset, width, monkeypatch, capsys):
-    monkeypatch.setenv("COLUMNS", "200")
-    with pytest.raises(SystemExit):
-        train.parse_args(["--preset", preset, "--help"] if preset != "tiny" else ["--help"])
-    assert f"hidden size D (default: {width})" in capsys.readouterr().out
-
-def cli(*args, cwd):
-    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
-
-
-def test_cli_user_errors_are_one_line(tmp_path):
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait, na\xefve".encode("latin-1") * 50)
-    (tmp_path / "short.txt").write_text("just a few words of text here\n\nand a second paragraph")
-    cases = [(["--data", "missing.txt"], "missing.txt"), (["--data", "empty.txt"], "empty.txt"),
-             (["--data", "latin1.txt"], "UTF-8"), (["--data", "short.txt", "--vocab", "300"], "shorter than one block"),
-             (["--preset", "enormous"], "unknown preset"), (["--resume", "--out-dir", "nowhere"], "ckpt.pt"),
-             (["--resume", "--out-dir", "junk"], "not a checkpoint"), (["--grad-accum", "0"], "--grad-accum"),
-             (["--n-head", "3"], "multiple of n_head"),
-             (["--objective", "mlm", "--rtd", "--sbo"], "leak the span"), (["--masking", "spans"], "invalid choice"),
-             (["--max-steps", "0"], "--max-steps"), (["--lr=-1e-3"], "--lr"), (["--lr", "nan"], "--lr"),
-             (["--pred-ratio", "1.5"], "pred_ratio"), (["--out-dir", "empty.txt"], "is a file"),
-             (["--out-dir", "junk"], "already holds a run"), (["--out-dir", "/proc/nowhere"], "cannot create"),
-             (["--lr", "-1e-3"], "--lr -0.001"), (["--max-steps", "200", "--schedule-steps", "100"], "past --schedule"),
-             (["--save-every", "-1"], "--save-every"), (["--vocab", "-10"], "--vocab"), (["--vocab", "100"], "at least 261")]
-    os.makedirs(tmp_path / "junk")
-    (tmp_path / "junk" / "ckpt.pt").write_bytes(b"not a checkpoint")
-    for args, needle in cases:
-        r = cli(*args, cwd=tmp_path)
-        assert r.returncode == 2, (args, r.stderr)
-        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
-        assert needle in r.stderr, (args, r.stderr)
-
-
-def test_values_out_of_range_and_clashing_outputs_are_one_line_before_any_work(tmp_path, capsys):
-    """Every command checks its numbers and its output directory first (in-process: each case fails in
-    milliseconds, before any data is read)."""
-    os.makedirs(tmp_path / "hf")
-    (tmp_path / "hf" / "config.json").write_text("{}")  # an exported HF checkpoint
-    os.makedirs(tmp_path / "run")
-    (tmp_path / "run" / "ckpt.pt").write_bytes(b"")  # another run
-    (tmp_path / "file").write_text("x")
-    out = ["--out-dir", str(tmp_path / "new")]
-    cases = [(["--grad-clip", "-1", *out], "--grad-clip"), (["--weight-decay", "-1", *out], "--weight-decay"),
-             (["--beta1", "1.5", *out], "--beta1"), (["--eps", "0", *out], "--eps"),
-             (["--min-lr-ratio", "2", *out], "--min-lr-ratio"), (["--warmup-steps", "-1", *out], "--warmup-steps"),
-             (["--samples", "-1", *out], "--samples"), (["--n-layer", "0", *out], "n_layer"),
-             (["--dropout", "1.5", *out], "dropout"), (["--rel-max-distance", "8", *out], "rel_max_distance"),
-             (["--rtd", "--rtd-weight", "-1", *out], "rtd_weight"),
-             (["--out-dir", str(tmp_path / "hf")], "Hugging Face checkpoint"),
-             (["--export-hf", str(tmp_path / "run"), *out], "holding an MPNext run"),
-             (["finetune", "--folds", "2"], "--folds"), (["finetune", "--dropout", "1.5"], "--dropout 1.5"),
-             (["finetune", "--out-dir", str(tmp_path / "file")], "is a file"),
-             (["fill", "--init", "x", "--top-k", "0", "a <mask>"], "--top-k"),
-             (["export", "--init", str(tmp_path / "x"), str(tmp_path / "run")], "holding an MPNext run"),
-             (["compare", "--cells", "objective=mlm | lr=5"], "cell 'lr=5': --lr"),
-             (["compare", "--cells", "rtd=ture"], "true or false"), (["compare", "--cells", "lr=1e-3 | lr=1e-3"], "twice"),
-             (["compare", "--finetune=--epochs 0"], "--epochs 0"), (["compare", "--finetune=--init x"], "sets"),
-             (["compare", "--seed", "3"], "sets ['seed']"), (["compare", "--tasks", "a,"], "empty task name"),
-             (["compare", "--out-dir", str(tmp_path / "file")], "is a file")]
-    for args, needle in cases:
-        assert train.main(args) == 2, args
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error:") and needle in err and len(err.splitlines()) == 1, (args, err)
-    assert not (tmp_path / "new").exists()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# optimizers
 
 SHAPES = [(4, 3), (3,), (2, 3, 2, 2), (5,)]
 
@@ -1539,23 +1071,6 @@ def test_adaptive_gradient_clipping():
     assert not torch.equal(body.weight.grad, body_grad) and ratio.max() < lam * 1.001
 
 
-def test_clip_global_norm_matches_torch():
-    g = torch.Generator().manual_seed(0)
-    for norm_type in (2.0, float('inf')):
-        for max_norm in (0.5, 1e3):
-            a = [torch.randn(s, generator=g).requires_grad_() for s in SHAPES]
-            for p in a:
-                p.grad = torch.randn(p.shape, generator=g)
-            b = [p.detach().clone().requires_grad_() for p in a]
-            for p, q in zip(a, b):
-                q.grad = p.grad.clone()
-            ours = clip_global_norm_(a, max_norm, norm_type)
-            theirs = torch.nn.utils.clip_grad_norm_(b, max_norm, norm_type)
-            torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
-            for p, q in zip(a, b):
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
-
-
 def test_ranger21_schedule_multipliers():
     p = torch.zeros(2, requires_grad=True)
     opt = Ranger21([p], lr=1e-3, num_iterations=10000)
@@ -1732,344 +1247,505 @@ def test_slow_weights_on_ranger21():
     assert all(torch.equal(p, f) for p, f in zip(model.parameters(), fast))
 
 
-if __name__ == "__main__":
-    raise SystemExit(pytest.main([__file__, "-q"]))
+# ---------------------------------------------------------------------------------------------------------------------
+# 9. learning-rate schedules
+
+
+def test_lr_multiplier():
+    assert mpnext.lr_multiplier(0, 10, 100) == pytest.approx(0.1)
+    assert mpnext.lr_multiplier(9, 10, 100) == pytest.approx(1.0)
+    assert mpnext.lr_multiplier(55, 10, 100) == pytest.approx(0.5)
+    assert mpnext.lr_multiplier(100, 10, 100) == pytest.approx(0.0)
+    assert mpnext.lr_multiplier(55, 10, 100, "cosine") == pytest.approx(0.5)
+    assert mpnext.lr_multiplier(100, 10, 100, "cosine", min_ratio=0.1) == pytest.approx(0.1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# fine-tuning, probing and the compare lab
+# data.py: corpora, tokenizer, batches
 
 
-def toy_task(path, n=240, seed=0, pair=False):
-    """A separable task as a CSV: the label is which of two cue words the text holds, among random filler words
-    (pair=True: the cue sits in the second text)."""
-    rng = random.Random(seed)
-    words = "cat dog bird fish horse king queen child farmer sailor river tree house ship garden".split()
-    rows = ["a,b,label" if pair else "text,label"]
-    for i in range(n):
-        label = rng.choice(["yes", "no"])
-        text = " ".join(rng.choice(words) for _ in range(rng.randint(4, 9))) + f" {'alpha' if label == 'yes' else 'omega'}"
-        text += "" if pair else f" {i}"
-        filler = " ".join(rng.choice(words) for _ in range(5))
-        rows.append(f"{filler},{text},{label}" if pair else f"{text},{label}")
-    path.write_text("\n".join(rows) + "\n")
-    return str(path)
+SAMPLE = ("The quick brown fox jumps over the lazy dog. It's 2024, and the dog doesn't care!\n"
+          "Whole-word masking needs word boundaries;\ntabs\tand  double  spaces too.\n") * 20
 
 
-def test_load_task_formats_dedup_and_stratified_split(tmp_path):
-    t = data.load_task(toy_task(tmp_path / "t.csv", n=200))
-    assert t.labels == ["no", "yes"] and sum(len(v[0]) for v in t.splits.values()) == 200
-    assert [len(t.splits[s][0]) for s in data.SPLITS] == [160, 20, 20]
-    for s in data.SPLITS:  # stratified: each split has about the same share of "yes"
-        texts, y = t.splits[s]
-        assert abs(sum(y) / len(y) - sum(t.splits["train"][1]) / 160) < 0.1 and all(len(x) == 1 for x in texts)
-    assert data.load_task(str(tmp_path / "t.csv"), seed=0).splits == t.splits  # seeded
-    # a directory of class files; duplicates dropped, texts under two labels dropped; README is not a class
-    d = tmp_path / "cls"
-    d.mkdir()
-    pos, neg = "good fine great super nice lovely grand neat cool sweet".split(), "bad awful poor worse ugly grim sad " \
-        "vile dull mean".split()
-    (d / "pos.txt").write_text("\n".join(pos + ["good", "both"]) + "\n")
-    (d / "neg.txt").write_text("\n".join(neg + ["both"]) + "\n")
-    (d / "README.txt").write_text("about this data\n")
-    t = data.load_task(str(d))
-    texts = [x[0] for s in data.SPLITS for x in t.splits[s][0]]
-    assert sorted(texts) == sorted(pos + neg)
-    assert t.labels == ["neg", "pos"]
-    # train/dev/test files are used as named; --train-size keeps a stratified subset
-    s = tmp_path / "splits"
-    s.mkdir()
-    for name, n in (("train", 100), ("dev", 20), ("test", 30)):
-        toy_task(s / f"{name}.csv", n=n, seed=len(name))
-    t = data.load_task(str(s), train_size=10)
-    assert [len(t.splits[x][0]) for x in data.SPLITS] == [10, 20, 30] and 3 <= sum(t.splits["train"][1]) <= 7
-    # --train-size keeps every class, in proportion, exactly n examples
-    labels = ["a"] * 300 + ["b"] * 20 + ["c"] * 20
-    for n, want in ((3, {"a": 1, "b": 1, "c": 1}), (34, {"a": 30, "b": 2, "c": 2}), (10, None)):
-        got = Counter(labels[i] for i in data._subsample(labels, n, random.Random(0)))
-        assert sum(got.values()) == n and set(got) == {"a", "b", "c"} and (want is None or got == want)
+@pytest.fixture(scope="module")
+def tok():
+    return data.Tokenizer.train(SAMPLE, vocab_size=data.Tokenizer().vocab_size + 60)
 
 
-def test_load_task_rejects_bad_input_with_one_line(tmp_path):
-    cases = {"nolabel.csv": "text,cls\na,b\nc,d\n", "one.csv": "text,label\na,x\nb,x\nc,x\nd,x\n", "empty.csv": "",
-             "ragged.csv": "text,label\na,b,c\n", "tiny.csv": "text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(8))}
-    for name, content in cases.items():
-        (tmp_path / name).write_text(content)
-        with pytest.raises(data.DataError) as e:
-            data.load_task(str(tmp_path / name))
-        msg = str(e.value)
-        assert "\n" not in msg and name in msg, msg
-        assert {"nolabel.csv": "--label-col", "one.csv": "single class", "empty.csv": "empty",
-                "ragged.csv": "line 2", "tiny.csv": "split is empty"}[name] in msg
-    s = tmp_path / "unseen"
-    s.mkdir()
-    (s / "train.csv").write_text("text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(20)))
-    (s / "test.csv").write_text("text,label\nx,a\ny,c\n")
-    with pytest.raises(data.DataError, match=r"test has label\(s\) \['c'\] that never occur in train"):
-        data.load_task(str(s))
-    # through the command line: status 2 and the one line; every command's --help prints
-    assert train.main(["finetune", "--data", str(tmp_path / "nolabel.csv"), "--out-dir", str(tmp_path / "o")]) == 2
-    for command in ("finetune", "compare", "fill", "export"):
-        with pytest.raises(SystemExit) as e:
-            train.main([command, "--help"])
-        assert e.value.code == 0
+def test_bpe_wikipedia_example():
+    # https://en.wikipedia.org/wiki/Byte_pair_encoding: aa -> Z, ab -> Y, ZY -> X, so "aaabdaaabac" -> "XdXac"
+    n0 = len(data.SPECIAL_TOKENS) + 256
+    t = data.Tokenizer.train("aaabdaaabac", vocab_size=n0 + 3)
+    a, b, c, d = (len(data.SPECIAL_TOKENS) + ord(ch) for ch in "abcd")
+    assert t.merges == [(a, a), (a, b), (n0, n0 + 1)]
+    assert t.encode("aaabdaaabac") == [n0 + 2, d, n0 + 2, a, c]
+    assert [t.decode([i]) for i in t.encode("aaabdaaabac")] == ["aaab", "d", "aaab", "a", "c"]
 
 
-def test_encode_examples_single_and_pair_format_and_truncation():
-    tok = data.Tokenizer.train("hello world, this is a pair test " * 20, vocab_size=300)
-    one, pair = data.encode_examples([("hello world",), ("hello", "world")], tok, max_len=64)
-    h, w = tok.encode("hello world"), (tok.encode("hello"), tok.encode("world"))
-    assert one == [tok.bos_id] + h + [tok.eos_id]
-    assert pair == [tok.bos_id] + w[0] + [tok.eos_id, tok.eos_id] + w[1] + [tok.eos_id]  # <s> a </s></s> b </s>
-    long = data.encode_examples([("hello " * 50, "world")], tok, max_len=16)[0]
-    assert len(long) == 16 and long[-3:] == [tok.eos_id] + w[1] + [tok.eos_id] if len(w[1]) == 1 else len(long) == 16
-    x = data.pad_rows([[0, 5, 2], [0, 2]], tok.pad_id)
-    assert x.tolist() == [[0, 5, 2], [0, 2, tok.pad_id]]
+@pytest.mark.parametrize("s", ["", "a", " ", "hello world", "  leading and trailing  ", "\n\n\n", "a\r\nb\r\n",
+                               "\ttab\t\tx", "NUL\x00byte", "naïve café", "日本語",
+                               "emoji 👍🏽 🤖!",
+                               "x_y__z 12345 1.5e-3", "<mask> <s> </s> are plain text", "don't we'll I'VE"])
+def test_roundtrip(tok, s):
+    ids = tok.encode(s)
+    assert tok.decode(ids) == s
+    assert all(i >= tok.n_special for i in ids)  # plain text never produces special ids
 
 
-@pytest.mark.parametrize("pooling", ["first", "mean"])
-def test_classification_loss_is_cross_entropy_and_padding_never_leaks(pooling):
-    model = tiny_model(n_classes=3, pooling=pooling)
-    ids = random_ids(4, 12)
-    ids[1, 7:] = 1  # pads
-    ids[1, 6] = 2
-    mask = (ids != 1).long()
-    labels = torch.tensor([0, 2, 1, 0])
-    loss, m = model.loss({"kind": "cls", "input_ids": ids, "attention_mask": mask, "labels": labels})
-    logits = model.classify(ids, mask)
-    assert torch.allclose(loss, F.cross_entropy(logits, labels))
-    assert m["acc"] == (logits.argmax(-1) == labels).float().mean()
-    # row 1 classified alone, without its padding, gives the same logits: pads never reach a real token or the pool
-    alone = model.classify(ids[1:2, :7], mask[1:2, :7])
-    assert torch.allclose(alone, logits[1:2], atol=1e-5)
-    # and what sits in padded slots does not matter
-    ids2 = ids.clone()
-    ids2[1, 7:] = 1
-    assert torch.equal(model.classify(ids2, mask), logits)
+def test_specials_and_decode(tok):
+    assert (tok.bos_id, tok.pad_id, tok.eos_id, tok.mask_id, tok.n_special) == (0, 1, 2, 4, 5)  # MPNet's ids
+    hi = tok.encode("hi")
+    assert tok.decode([tok.pad_id, tok.bos_id] + hi + [tok.mask_id, tok.eos_id, tok.pad_id]) == "<s>hi<mask></s>"
+    assert tok.decode(torch.tensor(hi)) == "hi"
+    assert tok.decode([tok.n_special + 0xE2]) == "\ufffd"  # a lone UTF-8 lead byte
 
 
-def test_classification_head_equals_hf_mpnet_for_sequence_classification(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    model = tiny_model(n_classes=3)
-    for p in model.classifier.parameters():  # not the zero-bias init: a real check
-        nn.init.normal_(p, std=0.5)
-    model.to_hf(tmp_path / "hf")
-    hf = transformers.MPNetForSequenceClassification.from_pretrained(tmp_path / "hf", num_labels=3).eval()
-    hf.classifier.load_state_dict({"dense.weight": model.classifier.dense.weight,
-                                   "dense.bias": model.classifier.dense.bias,
-                                   "out_proj.weight": model.classifier.out_proj.weight,
-                                   "out_proj.bias": model.classifier.out_proj.bias})
-    ids = random_ids(3, 10)
-    ids[2, 6:] = 1
-    mask = (ids != 1).long()
-    with torch.no_grad():
-        assert torch.allclose(model.classify(ids, mask), hf(input_ids=ids, attention_mask=mask).logits, atol=1e-5)
+def test_train_deterministic_and_save_load(tok, tmp_path):
+    again = data.Tokenizer.train(SAMPLE.split("\n"), vocab_size=tok.vocab_size)  # docs vs one string: same counts
+    assert again.merges == tok.merges and again.fingerprint == tok.fingerprint
+    tok.save(tmp_path / "tok.json")
+    loaded = data.Tokenizer.load(tmp_path / "tok.json")
+    assert loaded.merges == tok.merges and loaded.vocab_size == tok.vocab_size
+    assert loaded.encode(SAMPLE) == tok.encode(SAMPLE)
+    assert not list(tmp_path.glob("*.tmp*"))  # atomic write left no temp file
 
 
-def test_logistic_regression_meets_its_optimality_condition_and_probe_separates():
-    g = gen(0)
-    x = torch.randn(200, 6, generator=g, dtype=torch.float64)
-    y = (x[:, :3] @ torch.randn(3, 3, generator=g, dtype=torch.float64)).argmax(-1)
-    lin = mpnext.logistic_regression(x, y, 3, l2=0.1)
-    lin.zero_grad()
-    (F.cross_entropy(lin(x), y) + 0.05 * lin.weight.pow(2).sum()).backward()  # the gradient vanishes at the optimum
-    assert lin.weight.grad.abs().max() < 1e-6 and lin.bias.grad.abs().max() < 1e-6
-    feats = {s: x[i::3] for i, s in enumerate(data.SPLITS)}
-    labels = {s: y[i::3] for i, s in enumerate(data.SPLITS)}
-    res = mpnext.probe(feats, labels, 3)
-    assert res["test_acc"] > 0.85 and res["l2"] in mpnext.PROBE_L2
-    # K-fold: every example is scored once, by a classifier that never saw it; the folds are stratified and seeded
-    folds = mpnext.probe_cv(x, y, 3, folds=5, seed=1)
-    assert folds["test_acc"] > 0.85 and folds["pred"].shape == y.shape
-    assert torch.equal(folds["pred"], mpnext.probe_cv(x, y, 3, folds=5, seed=1)["pred"])
-    for c in range(3):  # stratified: each class spread evenly over the folds
-        per_fold = torch.bincount(folds["fold"][y == c], minlength=5)
-        assert per_fold.max() - per_fold.min() <= 1
-    moved = x.clone()
-    moved[0] *= 1e3  # the classifier that scores example 0's fold never saw it: the rest of that fold scores the same
-    same = folds["fold"] == folds["fold"][0]
-    same[0] = False
-    changed = mpnext.probe_cv(moved, y, 3, folds=5, seed=1)
-    assert torch.equal(changed["pred"][same], folds["pred"][same]) and not torch.equal(changed["pred"], folds["pred"])
-    # macro-F1 by hand: class 0 F1 = 2/3, class 1 F1 = 2/3, class 2 F1 = 1
-    assert abs(mpnext.macro_f1(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 0, 1, 2]), 3) - (2 / 3 + 2 / 3 + 1) / 3) < 1e-12
+def test_tokenizer_load_errors(tmp_path):
+    for name, content in [("missing.json", None), ("bad.json", "{not json"), ("other.json", json.dumps({"a": 1}))]:
+        p = tmp_path / name
+        if content is not None:
+            p.write_text(content)
+        with pytest.raises(data.DataError, match=name):
+            data.Tokenizer.load(p)
+    with pytest.raises(data.DataError):
+        data.Tokenizer.train("abc", vocab_size=100)
 
 
-FT_ARGS = ["--preset", "tiny", "--vocab", "300", "--epochs", "6", "--batch-size", "16", "--max-len", "64"]
+def test_word_start_table_and_flags():
+    t = data.Tokenizer.train("the thing, the ring, singing the\n", vocab_size=data.Tokenizer().vocab_size + 10)
+    piece = {t.decode([i]): i for i in range(t.vocab_size)}
+    assert t.word_start[[piece[" the"], piece[" thing"], piece[","], piece["\n"], t.mask_id]].all()
+    assert not t.word_start[[piece["the"], piece["ing"], piece["a"], piece["7"]]].any()
+    assert not t.word_start[t.n_special + 0xC3]  # UTF-8 lead byte: letters like "é" continue a word
+    ids = np.array(t.encode("the thing\nthe thing") + [t.eos_id] + t.encode("singing"))
+    pieces = [t.decode([i]) for i in ids]
+    assert pieces == ["the", " thing", "\n", "the", " thing", "</s>", "s", "inging"]
+    flags = data.word_start_flags(ids, t)
+    # "the" starts a line and "s" a document: forced True although the table says "continuation"
+    assert flags.tolist() == [True, True, True, True, True, True, True, False]
+    tflags = data.word_start_flags(torch.from_numpy(ids).view(1, -1), t)
+    assert tflags.dtype == torch.bool and tflags[0].tolist() == flags.tolist()
+    assert not t.word_start[piece["the"]] and flags.dtype == bool
 
 
-def test_finetune_and_probe_learn_a_separable_task(tmp_path, capsys):
-    task = toy_task(tmp_path / "t.csv", n=300)
-    res, status = train.finetune(["--data", task, "--out-dir", str(tmp_path / "ft"), *FT_ARGS])
-    assert status == 0 and res["test_acc"] >= 0.9 and res["test_f1"] >= 0.9, res
-    log = read_log(tmp_path / "ft")
-    assert log[-1]["test_acc"] == res["test_acc"] and "dev_acc" in log[0]
-    ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
-    assert ckpt["model_config"]["n_classes"] == 2 and ckpt["dev_acc"] == res["dev_acc"]
-    assert (tmp_path / "ft" / "tokenizer.json").exists()
-    assert "summary | t | finetune | random init | test_acc" in capsys.readouterr().out
-    # the pair task: loads, trains, and the cue in the second text is found
-    pair = toy_task(tmp_path / "p.csv", n=400, pair=True)
-    res, _ = train.finetune(["--data", pair, "--out-dir", str(tmp_path / "fp"), *FT_ARGS])
-    assert res["test_acc"] >= 0.8, res
-    # the frozen probe of a random encoder: mean-pooled embeddings already carry the cue word
-    res, _ = train.finetune(["--data", task, "--out-dir", str(tmp_path / "pr"), "--probe", *FT_ARGS])
-    assert res["test_acc"] >= 0.9 and res["protocol"] == "probe, 10-fold CV"  # one pool: SentEval's CV
-    res, _ = train.finetune(["--data", task, "--out-dir", str(tmp_path / "pr0"), "--probe", "--folds", "0", *FT_ARGS])
-    assert res["test_acc"] >= 0.9 and res["protocol"] == "probe"  # the seeded train/dev/test split
-    # a run directory is never overwritten
-    assert train.main(["finetune", "--data", task, "--out-dir", str(tmp_path / "ft"), *FT_ARGS]) == 2
+def test_load_documents_file_and_dir(tmp_path):
+    paras = [f"Paragraph {i}." + " word" * 100 for i in range(60)]  # ~60 x 520 chars
+    f = tmp_path / "book.txt"
+    f.write_text("\n\n".join(paras) + "\n", encoding="utf-8")
+    docs = data.load_documents(str(f))
+    assert 10 <= len(docs) <= 20 and all(len(d) >= 2000 for d in docs[:-1])
+    assert "\n\n".join(docs) == "\n\n".join(paras).strip()  # nothing lost but the outer whitespace
+    train, val = data.split_documents(docs, val_fraction=0.1, seed=0)
+    assert len(val) >= 1 and sorted(train + val) == sorted(docs)
+    assert data.split_documents(docs, 0.1, seed=0) == (train, val)
+    one_train, one_val = data.split_documents(["alpha beta gamma delta " * 50], 0.1)
+    assert one_val and (one_train[0] + " " + one_val[0]).split() == ("alpha beta gamma delta " * 50).split()
+    d = tmp_path / "corpus"
+    (d / "sub").mkdir(parents=True)
+    (d / "b.txt").write_text("second", encoding="utf-8")
+    (d / "sub" / "a.txt").write_text("third", encoding="utf-8")
+    (d / "a.txt").write_text("first\n", encoding="utf-8")
+    (d / "skip.md").write_text("not text", encoding="utf-8")
+    assert data.load_documents(str(d)) == ["first", "second", "third"]
 
 
-def test_finetune_from_a_pretraining_run_loads_its_encoder(tmp_path):
-    out = run_train(tmp_path, "--max-steps", "4", "--rtd", "--masking", "span", "--sbo")
-    task = toy_task(tmp_path / "t.csv", n=120)
-    fc, cfg, model, tok, t = train.finetune_setup(["--init", str(out), "--data", task, "--out-dir",
-                                                   str(tmp_path / "ft"), "--max-len", "32"])
-    pre = torch.load(out / "ckpt.pt", weights_only=True)["model"]
-    assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], pre["blocks.0.attn.qkv.weight"])
-    assert not hasattr(model, "generator") and not hasattr(model, "sbo") and cfg.n_classes == 2
-    assert tok.merges == data.Tokenizer.load(out / "tokenizer.json").merges and fc.lr == 1e-3  # 2e-5 x (768 / 64)^2, capped at 1e-3
-    # --random-init: the same architecture and tokenizer, fresh weights (the lab's baseline)
-    _, cfg2, fresh, tok2, _ = train.finetune_setup(["--init", str(out), "--random-init", "--data", task, "--out-dir",
-                                                    str(tmp_path / "ft2"), "--max-len", "32"])
-    assert cfg2 == cfg and tok2.merges == tok.merges
-    assert not torch.equal(fresh.state_dict()["blocks.0.attn.qkv.weight"], pre["blocks.0.attn.qkv.weight"])
+def test_load_documents_errors(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text(" \n\t\n  ")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ok".encode("latin-1"))
+    (tmp_path / "nodocs").mkdir()
+    (tmp_path / "nodocs" / "x.csv").write_text("a,b")
+    cases = {"missing.txt": "no such file", "empty.txt": "empty", "blank.txt": "empty",
+             "latin1.txt": "offset 3.*UTF-8", "nodocs": "no .txt files"}
+    for name, why in cases.items():
+        with pytest.raises(data.DataError, match=why) as e:
+            data.load_documents(str(tmp_path / name))
+        assert name in str(e.value) and "\n" not in str(e.value)
 
 
-def test_compare_writes_the_table_and_skips_finished_cells(tmp_path, capsys):
-    corpus = toy_corpus(tmp_path / "corpus")
-    task = toy_task(tmp_path / "t.csv", n=120)
-    argv = ["--cells", "objective=mlm | objective=mpnet", "--seeds", "2", "--tasks", task, "--finetune",
-            "--max-len 32", "--out-dir", str(tmp_path / "cmp"), "--data", corpus, *TINY_ARGS,
-            "--samples", "0", "--max-steps", "3", "--eval-every", "3", "--warmup-steps", "1"]
-    rows, status = train.compare(argv)
-    assert status == 0 and len(rows) == 6  # 2 cells + random init, 2 seeds, one task, one protocol
-    table = (tmp_path / "cmp" / "results.md").read_text()
-    for cell in ("objective=mlm", "objective=mpnet", "random init"):
-        assert f"| {cell} | " in table
-    assert "+-" in table and "Budget: 3 steps x 8 x 32 tokens" in table
-    try:
-        import matplotlib  # noqa: F401  (optional: the picture only when it is installed)
-        assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
-    except ImportError:
-        assert not (tmp_path / "cmp" / "compare.png").exists()
-    capsys.readouterr()
-    rows2, _ = train.compare(argv)  # a rerun does nothing but redraw the table
-    assert len(rows2) == 6 and "===" not in capsys.readouterr().out
-    assert len((tmp_path / "cmp" / "results.csv").read_text().strip().splitlines()) == 7
-    assert train.main(["compare", *argv[:-6], "--max-steps", "4", "--eval-every", "4"]) == 2  # another budget
-    assert "holds results of other pre-training" in capsys.readouterr().err
-    _, pretrain, *_ = train.compare_args(["--tasks", task, "--out-dir", str(tmp_path / "cmp2"), "--data", corpus])
-    tc = train.TrainConfig()  # the budget is written out, so a later change of a default cannot alter a grid
-    assert pretrain[2:] == ["--max-steps", str(tc.max_steps), "--batch-size", str(tc.batch_size), "--seq-len",
-                            str(tc.seq_len)]
+def test_batches(tok):
+    stream = data.encode_documents(SAMPLE.split("\n\n") * 3, tok)
+    assert stream.dtype == np.uint16 and stream[-1] == tok.eos_id
+    batches = data.Batches(stream, tok, seq_len=16, batch_size=4)
+    x1, f1 = batches.sample(torch.Generator().manual_seed(0))
+    x2, f2 = batches.sample(torch.Generator().manual_seed(0))
+    assert x1.shape == f1.shape == (4, 16) and x1.dtype == torch.long and f1.dtype == torch.bool
+    assert torch.equal(x1, x2) and torch.equal(f1, f2)
+    assert (x1[:, 0] == tok.bos_id).all()
+    assert torch.equal(f1, data.word_start_flags(x1, tok))  # same flags as computing them on the rows
+    text = tok.decode(x1[0, 1:])
+    assert text in tok.decode(stream)  # rows are consecutive stream tokens
+    rows = [x for x, _ in batches.iterate()]
+    assert sum(len(r) for r in rows) == len(stream) // 15  # every full block of 15 stream tokens, in order
+    covered = torch.cat(rows)[:, 1:].reshape(-1)
+    n = len(stream) // 15 * 15
+    assert torch.equal(covered, torch.from_numpy(stream[:n].astype(np.int64)))
+    with pytest.raises(data.DataError, match="shorter than one block"):
+        data.Batches(stream[:10], tok, seq_len=16, batch_size=4, name="val")
 
 
-def test_compare_budgets_in_tokens_and_minutes(tmp_path, capsys):
-    corpus = toy_corpus(tmp_path / "corpus")
-    task = toy_task(tmp_path / "t.csv", n=120)
-    common = ["--seeds", "1", "--tasks", task, "--no-random", "--finetune", "--max-len 32 --folds 0", "--data", corpus,
-              *TINY_ARGS, "--samples", "0", "--eval-every", "1000", "--warmup-steps", "1"]
-    # equal tokens: a cell with half the sequence length gets twice the steps
-    rows, status = train.compare(["--grid", "seq_len=32,16", "--tokens", "1024", "--out-dir", str(tmp_path / "tok"),
-                                  *common])
-    assert status == 0 and len(rows) == 2
-    steps = [train.read_run(str(tmp_path / "tok" / "runs" / f"seq_len={n}-s0"))[0]["step"] for n in (32, 16)]
-    assert steps == [4, 8]  # 1024 tokens / (8 x 32), / (8 x 16)
-    assert "Budget: 1,024 tokens per cell (steps: seq_len=32 4, seq_len=16 8)" in (tmp_path / "tok" / "results.md"
-                                                                                   ).read_text()
-    # equal minutes: a cell's steps from its own timing run, kept in steps.json, so a rerun times nothing again
-    argv = ["--cells", "objective=mpnet", "--minutes", "0.01", "--out-dir", str(tmp_path / "min"), *common]
-    rows, status = train.compare(argv)
-    timed = json.loads((tmp_path / "min" / "steps.json").read_text())
-    assert status == 0 and list(timed) == ["objective=mpnet"] and timed["objective=mpnet"] >= 1
-    for cell, n in timed.items():
-        assert train.read_run(str(tmp_path / "min" / "runs" / f"{cell}-s0"))[0]["step"] == n
-        assert not (tmp_path / "min" / "runs" / f"{cell}-timing").exists()
-    assert "0.01 minutes of training steps per cell (steps: objective=mpnet" in (tmp_path / "min" / "results.md"
-                                                                               ).read_text()
-    capsys.readouterr()
-    train.compare(argv)
-    assert "=== timing" not in capsys.readouterr().out and json.loads((tmp_path / "min" / "steps.json").read_text()
-                                                                      ) == timed
-    for extra in (["--minutes", "1", "--tokens", "1e6"], ["--minutes", "1", "--max-steps", "5"], ["--tokens", "-1"]):
-        assert train.main(["compare", "--tasks", task, "--out-dir", str(tmp_path / "bad"), *extra]) == 2
-        assert capsys.readouterr().err.count("\n") == 1
+def test_encode_documents_cache(tok, tmp_path, monkeypatch):
+    docs = ["first document here.", "and a second one"]
+    path = tmp_path / "stream.npz"
+    s1 = data.encode_documents(docs, tok, cache_path=path)
+    assert s1.tolist() == tok.encode(docs[0]) + [tok.eos_id] + tok.encode(docs[1]) + [tok.eos_id]
+    monkeypatch.setattr(tok, "encode", lambda text: pytest.fail("cache not used"))
+    assert np.array_equal(data.encode_documents(docs, tok, cache_path=path), s1)
+    monkeypatch.undo()
+    other = data.Tokenizer.train("first document", vocab_size=data.Tokenizer().vocab_size + 5)
+    s2 = data.encode_documents(docs, other, cache_path=path)  # different tokenizer -> rebuilt
+    assert s2.tolist() == other.encode(docs[0]) + [2] + other.encode(docs[1]) + [2]
+    with pytest.raises(data.DataError):
+        data.encode_documents(["", ""], tok)
 
 
-def test_finetune_skips_non_finite_steps_and_stops_when_they_persist(tmp_path, monkeypatch, capsys):
-    task = toy_task(tmp_path / "t.csv", n=120)
-    real_loss = MPNext.loss
-
-    def poisoned(self, batch):
-        loss, m = real_loss(self, batch)
-        return loss * float("nan"), m
-
-    monkeypatch.setattr(MPNext, "loss", poisoned)
-    res, status = train.finetune(["--data", task, "--out-dir", str(tmp_path / "ft"), *FT_ARGS])
-    assert status == 1 and "not finite for 5 steps in a row" in capsys.readouterr().err
-    ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)  # the (untouched) weights were scored
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values()) and 0 <= res["test_acc"] <= 1
+def test_default_corpus(tmp_path):
+    docs = data.default_corpus(cache_dir=tmp_path)
+    assert sum(map(len, docs)) > 500_000 and all(d.strip() for d in docs)
+    assert data.load_documents(None, cache_dir=tmp_path) == docs  # second call reads the cache back exactly
+    assert "Return" in "".join(docs[:50])  # English prose, not code
 
 
-def test_encode_with_specials_and_fill_prints_completions(tmp_path, capsys):
+def test_bpe_matches_naive_reference():
+    # the incremental heap trainer must pick exactly what a from-scratch recount would (max count, then smallest pair)
+    rng = random.Random(0)  # small alphabet and short words: lots of count ties to break
+    text = " ".join("".join(rng.choice("abcde") for _ in range(rng.randint(1, 6))) for _ in range(1500))
+    tok = data.Tokenizer.train(text, vocab_size=data.Tokenizer().vocab_size + 40)
+    words = {}
+    for w in tok._pat.findall(text):
+        words[w] = words.get(w, 0) + 1
+    seqs = {w: [tok.n_special + b for b in w.encode()] for w in words}
+    merges = []
+    for new_id in range(tok.n_special + 256, tok.vocab_size):
+        counts = {}
+        for w, s in seqs.items():
+            for p in zip(s, s[1:]):
+                counts[p] = counts.get(p, 0) + words[w]
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        seqs = {w: data._merge(s, best, new_id) for w, s in seqs.items()}
+    assert len(merges) == 40 and tok.merges == merges
+
+
+def test_shakespeare_offline_is_a_one_line_data_error(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    with pytest.raises(data.DataError, match="--data FILE") as e:
+        data.load_documents("shakespeare", cache_dir=tmp_path)
+    assert "\n" not in str(e.value)
+    (tmp_path / "tinyshakespeare.txt").write_text("First Citizen:\nBefore we proceed.\n\nAll:\nSpeak, speak.\n")
+    expected = ["First Citizen:\nBefore we proceed.\n\nAll:\nSpeak, speak."]
+    assert data.load_documents("shakespeare", cache_dir=tmp_path) == expected
+
+
+def test_encode_with_specials():
     tok = data.Tokenizer.train("the cat sat on the mat. " * 50, vocab_size=300)
     ids = tok.encode("<s>the <mask> sat</s>", specials=True)
     assert ids == [tok.bos_id] + tok.encode("the") + [tok.mask_id] + tok.encode(" sat") + [tok.eos_id]
     assert tok.mask_id not in tok.encode("the <mask> sat")  # plain encode never emits specials
     assert tok.encode("a<pad><unk>", specials=True) == tok.encode("a") + [tok.pad_id, tok.unk_id]
-    out = run_train(tmp_path, "--max-steps", "4")
-    model, tok = train.load_run(str(out))
-    assert not model.training and model.cfg.vocab_size == tok.vocab_size
-    capsys.readouterr()
-    results, status = train.fill(["--init", str(out), "--top-k", "3", "The <mask> sees the <mask>."])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train.py: end to end, checkpoints, resume, user errors
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def toy_corpus(path, n_docs=12, seed=0):
+    """Small pseudo-English with real structure (a subject-verb-object grammar), written as a directory of .txt files."""
+    rng = random.Random(seed)
+    nouns = "cat dog bird fish horse king queen child farmer sailor river tree house ship garden".split()
+    verbs = "sees finds likes follows paints feeds carries watches builds hears".split()
+    adjs = "old young red green small large quiet happy dark bright".split()
+    os.makedirs(path, exist_ok=True)
+    for d in range(n_docs):
+        sents = []
+        for _ in range(120):
+            a, b = rng.choice(nouns), rng.choice(nouns)
+            sents.append(f"The {rng.choice(adjs)} {a} {rng.choice(verbs)} the {rng.choice(adjs)} {b}.")
+        with open(os.path.join(path, f"doc{d:02d}.txt"), "w") as f:
+            f.write(" ".join(sents) + "\n")
+    return str(path)
+
+
+TINY_ARGS = ["--preset", "tiny", "--n-layer", "2", "--d-model", "64", "--n-head", "2", "--d-ff", "128", "--vocab", "320",
+             "--batch-size", "8", "--seq-len", "32", "--eval-batches", "2", "--samples", "1", "--log-every", "1",
+             "--warmup-steps", "5", "--lr", "3e-3"]
+
+
+def run_train(tmp_path, *extra, out="out"):
+    argv = ["--data", toy_corpus(tmp_path / "corpus"), "--out-dir", str(tmp_path / out), *TINY_ARGS, *extra]
+    assert train.main(argv) == 0
+    return tmp_path / out
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+def test_train_end_to_end_loss_falls_and_checkpoint_roundtrips(tmp_path, capsys):
+    out = run_train(tmp_path, "--max-steps", "60", "--eval-every", "30")
+    rows = read_log(out)
+    train_rows = [r for r in rows if "val_loss" not in r]
+    evals = [r for r in rows if "val_loss" in r]
+    assert len(train_rows) == 60 and [r["step"] for r in evals] == [30, 60]
+    first, last = sum(r["loss"] for r in train_rows[:5]) / 5, sum(r["loss"] for r in train_rows[-5:]) / 5
+    assert last < first - 1.0, (first, last)
+    assert evals[1]["val_loss"] < evals[0]["val_loss"]
     printed = capsys.readouterr().out
-    assert status == 0 and len(results) == 1 and len(results[0]) == 2 and len(results[0][0]) == 3
-    assert "<mask> 1:" in printed and "<mask> 2:" in printed
-    probs = [p for _, p in results[0][0]]
-    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
-    assert train.main(["fill", "--init", str(out), "no mask here"]) == 2
-    assert train.main(["fill", "--init", str(tmp_path / "nothing"), "a <mask>"]) == 2
+    assert "summary | mpnet" in printed and "fill-in samples" in printed
+    # the checkpoint loads safely and rebuilds the same model
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 60 and not any(k.startswith("_orig_mod") for k in ckpt["model"])
+    model = MPNext(MPNextConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    tok = data.Tokenizer.load(out / "tokenizer.json")
+    assert model.cfg.vocab_size == tok.vocab_size and model.cfg.mask_id == tok.mask_id
 
 
-def test_export_hf_with_tokenizer_pipeline_and_identical_ids(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    out = run_train(tmp_path, "--max-steps", "4", "--export-hf", str(tmp_path / "hf"))
-    model, tok = train.load_run(str(out))
-    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    mixed = ("Héllo wörld — naïve café 😀🎉 日本語 12345 3.14159 1,000,000\t\ttabs  and   spaces\n\n\nnew lines "
-             "it's we'll \u00a0nbsp e\u0301 Ωμέγα __init__ x=y+z; #hash $5.00 ﬁ \r\n ٣٤٥ ½ ² ") * 20
-    mixed += open(os.path.join(HERE, "README.md"), encoding="utf-8").read()[:3000]
-    assert hf_tok(mixed, add_special_tokens=False)["input_ids"] == tok.encode(mixed)
-    assert hf_tok("the <mask> sat")["input_ids"] == [tok.bos_id] + tok.encode("the <mask> sat", specials=True) + [2]
-    assert hf_tok("a", "b")["input_ids"] == data.encode_examples([("a", "b")], tok, 64)[0]
-    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()
-    assert hf.config.hidden_dropout_prob == 0.1  # the tiny run had none: fine-tuning gets MPNet's 0.1
-    ids = torch.tensor([[tok.bos_id] + tok.encode("The old cat sees the <mask>.", specials=True) + [tok.eos_id]])
-    with torch.no_grad():
-        assert torch.allclose(hf(ids).logits, model(ids), atol=1e-5)
-    answers = transformers.pipeline("fill-mask", model=str(tmp_path / "hf"))("The old cat sees the <mask>.")
-    assert len(answers) == 5 and all("score" in a for a in answers)
-    # a fine-tuned run goes out as MPNetForSequenceClassification with its label names
-    task = toy_task(tmp_path / "t.csv", n=80)
-    train.finetune(["--init", str(out), "--data", task, "--out-dir", str(tmp_path / "ft"), "--epochs", "1",
-                    "--max-len", "32"])
-    assert train.main(["export", "--init", str(tmp_path / "ft"), str(tmp_path / "hf-ft")]) == 0
-    clf = transformers.pipeline("text-classification", model=str(tmp_path / "hf-ft"))("The old cat alpha")
-    assert clf[0]["label"] in ("no", "yes")
-    ft_model, _ = train.load_run(str(tmp_path / "ft"))
-    hf_clf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf-ft").eval()
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        assert torch.allclose(hf_clf(ids, attention_mask=mask).logits, ft_model.classify(ids, mask), atol=1e-5)
-    # models HF cannot hold are refused (before training with --export-hf), and a run's own directory is not a target
-    for bad in (dict(pooling="mean", n_classes=2), dict(rel_buckets=64), dict(activation="mish")):
-        with pytest.raises(ValueError):
-            mpnext.check_hf_exportable(dataclasses.replace(model.cfg, **bad))
-    assert train.main(["export", "--init", str(out), str(out)]) == 2
-    assert train.main(["--data", str(tmp_path / "corpus"), "--out-dir", str(tmp_path / "m"), *TINY_ARGS,
-                       "--activation", "mish", "--export-hf", str(tmp_path / "x")]) == 2
+@pytest.mark.parametrize("opt,heads", [("adamw", ()), ("ranger", ()), ("ranger21", ()),
+                                       ("adamw", ("--rtd", "--masking", "span", "--sbo"))])
+def test_resume_equals_uninterrupted_run(tmp_path, opt, heads):
+    straight = run_train(tmp_path, "--max-steps", "8", "--eval-every", "4", "--optimizer", opt, *heads, out="a")
+    run_train(tmp_path, "--max-steps", "4", "--schedule-steps", "8", "--eval-every", "4", "--optimizer", opt, *heads,
+              out="b")
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # a crash after the checkpoint leaves rows past it
+        f.write(json.dumps({"step": 5, "loss": 0.0}) + "\n")
+    resumed = run_train(tmp_path, "--max-steps", "8", "--resume", out="b")
+    a = torch.load(straight / "ckpt.pt", weights_only=True)
+    b = torch.load(resumed / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8
+    assert any(k.startswith("generator.") for k in a["model"]) == bool(heads)  # the generator is checkpointed
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k  # bitwise on CPU
+    assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(resumed)]
+    assert train.main(["--out-dir", str(resumed), "--max-steps", "8", "--resume"]) == 2  # nothing left to do
+    assert train.main(["--out-dir", str(resumed), "--max-steps", "9", "--resume", "--preset", "small"]) == 2
+
+
+def test_resume_of_a_run_saved_before_masking_existed(tmp_path):
+    """Checkpoints from before --masking (they held whole_word) still resume."""
+    out = run_train(tmp_path, "--max-steps", "2", "--eval-every", "2", "--masking", "word")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"].pop("masking") == "word"
+    ckpt["model_config"]["whole_word"] = True  # the old format
+    torch.save(ckpt, out / "ckpt.pt")
+    run_train(tmp_path, "--max-steps", "3", "--masking", "word", "--resume")
+    resumed = torch.load(out / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == 3 and resumed["model_config"]["masking"] == "word"
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resuming_is_exact(tmp_path):
+    """SIGINT mid-run: the step finishes, a checkpoint is saved, the exit says how to resume (status 130); resuming
+    from it ends bitwise where an uninterrupted run ends."""
+    corpus = toy_corpus(tmp_path / "corpus")
+    common = ["--data", corpus, *TINY_ARGS, "--schedule-steps", "3000", "--eval-every", "1000", "--samples", "0"]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *common, "--out-dir", str(out),
+                             "--max-steps", "3000"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while not (out / "log.jsonl").exists() or len(open(out / "log.jsonl").readlines()) < 5:  # mid-training
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr
+    assert "--resume" in stdout and "stopped at step" in stdout
+    k = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert 5 <= k < 3000
+    end = str(k + 5)
+    assert train.main(["--out-dir", str(out), "--max-steps", end, "--resume"]) == 0
+    assert train.main([*common, "--out-dir", str(tmp_path / "straight"), "--max-steps", end]) == 0
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("stopped", "straight"))
+    assert a["step"] == b["step"] == k + 5
+    assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
+
+
+def torchrun(tmp_path, n_proc, *args):
+    """train.py under torchrun on CPU (Gloo): n_proc processes on this machine."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves folders in the temp dir
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n_proc}",
+           os.path.join(HERE, "train.py"), *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="this torch build has no Gloo")
+@pytest.mark.parametrize("recipe, accum", [([], 1), (["--objective", "mlm", "--rtd"], 2)])
+def test_torchrun_two_processes_train_like_one_with_the_same_global_batch(tmp_path, capsys, recipe, accum):
+    """2 processes x --grad-accum A draw the batches of 1 process x --grad-accum 2A (stream s = rank * A + a), so the
+    loss curves agree up to float summation order; only rank 0 logs and saves; a 2-process run resumes with 2
+    processes; ELECTRA (parameters outside the loss) works with gradient accumulation."""
+    common = ["--data", toy_corpus(tmp_path / "corpus"), *TINY_ARGS, "--dtype", "float32", "--schedule-steps", "10",
+              "--eval-every", "6", "--samples", "0", *recipe]
+    assert train.main([*common, "--out-dir", str(tmp_path / "one"), "--max-steps", "10",
+                       "--grad-accum", str(2 * accum)]) == 0
+    two = ["--out-dir", str(tmp_path / "two"), "--grad-accum", str(accum)]
+    out = torchrun(tmp_path, 2, *common, *two, "--max-steps", "6")
+    assert out.count("MPNext ") == 1 and "stopped" not in out  # one voice: rank 0's
+    assert [r["step"] for r in read_log(tmp_path / "two") if "val_loss" not in r] == list(range(1, 7))
+    assert "holds step" not in torchrun(tmp_path, 2, *common, *two, "--max-steps", "10", "--resume")
+    one, two = ([r["loss"] for r in read_log(tmp_path / d) if "val_loss" not in r] for d in ("one", "two"))
+    assert len(one) == len(two) == 10 and max(abs(a - b) for a, b in zip(one, two)) < 1e-4, (one, two)
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "two"))
+    assert a["step"] == b["step"] == 10 and len(b["rng"]["batches"]) == 2 * accum
+    assert all(torch.allclose(a["model"][n], b["model"][n], atol=1e-4) for n in a["model"])
+    # the same streams in one process: a 2-process checkpoint resumes there with --grad-accum 2A, and nowhere else
+    more = [*common, "--out-dir", str(tmp_path / "two"), "--max-steps", "11", "--schedule-steps", "11", "--resume"]
+    assert train.main(more) == 2 and "batch stream" in capsys.readouterr().err
+    assert train.main([*more, "--grad-accum", str(2 * accum)]) == 0
+
+
+def nan_losses_at(monkeypatch, bad_calls):
+    """Make the training loss NaN on the given training calls (1-based); evaluation is left alone."""
+    real, calls = MPNext.loss, [0]
+
+    def loss(self, batch):
+        value, metrics = real(self, batch)
+        if self.training:
+            calls[0] += 1
+            if calls[0] in bad_calls:
+                value = value * float("nan")
+        return value, metrics
+
+    monkeypatch.setattr(MPNext, "loss", loss)
+
+
+def test_a_nan_loss_is_skipped(tmp_path, monkeypatch, capsys):
+    nan_losses_at(monkeypatch, {3})
+    out = run_train(tmp_path, "--max-steps", "8", "--eval-every", "4")
+    assert "update skipped (1 in a row" in capsys.readouterr().out
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 8 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_save_every_and_an_all_warmup_warning(tmp_path, monkeypatch, capsys):
+    nan_losses_at(monkeypatch, set(range(6, 100)))  # the run stops at step 10; only --save-every saved before that
+    argv = ["--data", toy_corpus(tmp_path / "corpus"), "--out-dir", str(tmp_path / "out"), *TINY_ARGS,
+            "--max-steps", "40", "--eval-every", "100", "--save-every", "2", "--warmup-steps", "50"]
+    assert train.main(argv) == 1
+    assert "covers the whole 40-step plan" in capsys.readouterr().err
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 4  # 6, 8, 10 followed NaN steps
+
+
+@pytest.mark.parametrize("poison", [False, True])
+def test_persistent_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys, poison):
+    """NaN losses from step 6 on: updates are skipped (the weights stay good: step 8 is saved) and the run stops after
+    5 in a row. With a NaN weight (poison), validation is NaN too and step 8 must not overwrite step 4's checkpoint."""
+    if poison:
+        real = MPNext.loss
+
+        def loss(self, batch):
+            if self.training and not hasattr(self, "poisoned") and (tmp_path / "out" / "log.jsonl").exists() \
+                    and len(open(tmp_path / "out" / "log.jsonl").readlines()) >= 6:  # 5 steps + the step-4 eval
+                self.poisoned = True
+                with torch.no_grad():
+                    self.head_bias.fill_(float("nan"))
+            return real(self, batch)
+
+        monkeypatch.setattr(MPNext, "loss", loss)
+    else:
+        nan_losses_at(monkeypatch, set(range(6, 100)))
+    argv = ["--data", toy_corpus(tmp_path / "corpus"), "--out-dir", str(tmp_path / "out"), *TINY_ARGS,
+            "--max-steps", "40", "--eval-every", "4"]
+    assert train.main(argv) == 1
+    assert "not finite for 5 steps in a row (up to step 10)" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == (4 if poison else 8) and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_auto_dtype_is_bf16_where_the_hardware_has_it(monkeypatch):
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    assert train.pick_dtype("auto", "cpu") == torch.bfloat16 and train.pick_dtype("auto", "cuda") == torch.bfloat16
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    assert train.pick_dtype("auto", "cpu") == torch.float32 and train.pick_dtype("auto", "cuda") == torch.float16
+    assert train.pick_dtype("float32", "cpu") == torch.float32  # the opt-out
+
+
+@pytest.mark.parametrize("preset,width", [("tiny", 128), ("base", 768)])
+def test_help_shows_the_defaults_of_the_preset_in_use(preset, width, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", preset, "--help"] if preset != "tiny" else ["--help"])
+    assert f"hidden size D (default: {width})" in capsys.readouterr().out
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_user_errors_are_one_line(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait, na\xefve".encode("latin-1") * 50)
+    (tmp_path / "short.txt").write_text("just a few words of text here\n\nand a second paragraph")
+    cases = [(["--data", "missing.txt"], "missing.txt"), (["--data", "empty.txt"], "empty.txt"),
+             (["--data", "latin1.txt"], "UTF-8"), (["--data", "short.txt", "--vocab", "300"], "shorter than one block"),
+             (["--preset", "enormous"], "unknown preset"), (["--resume", "--out-dir", "nowhere"], "ckpt.pt"),
+             (["--resume", "--out-dir", "junk"], "not an MPNext checkpoint"), (["--grad-accum", "0"], "--grad-accum"),
+             (["--n-head", "3"], "multiple of n_head"),
+             (["--objective", "mlm", "--rtd", "--sbo"], "leak the span"), (["--masking", "spans"], "invalid choice"),
+             (["--max-steps", "0"], "--max-steps"), (["--lr=-1e-3"], "--lr"), (["--lr", "nan"], "--lr"),
+             (["--pred-ratio", "1.5"], "pred_ratio"), (["--out-dir", "empty.txt"], "is a file"),
+             (["--out-dir", "junk"], "already holds a run"), (["--out-dir", "/proc/nowhere"], "cannot create"),
+             (["--lr", "-1e-3"], "--lr -0.001"), (["--max-steps", "200", "--schedule-steps", "100"], "past --schedule"),
+             (["--save-every", "-1"], "--save-every"), (["--vocab", "-10"], "--vocab"), (["--vocab", "100"], "at least 261")]
+    os.makedirs(tmp_path / "junk")
+    (tmp_path / "junk" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    for args, needle in cases:
+        r = cli(*args, cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+        assert needle in r.stderr, (args, r.stderr)
+
+
+def test_values_out_of_range_and_clashing_outputs_are_one_line_before_any_work(tmp_path, capsys):
+    """Pre-training checks its numbers and its output directory first (in-process: each case fails in
+    milliseconds, before any data is read)."""
+    os.makedirs(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text("{}")  # an exported HF checkpoint
+    os.makedirs(tmp_path / "run")
+    (tmp_path / "run" / "ckpt.pt").write_bytes(b"")  # another run
+    (tmp_path / "file").write_text("x")
+    out = ["--out-dir", str(tmp_path / "new")]
+    cases = [(["--grad-clip", "-1", *out], "--grad-clip"), (["--weight-decay", "-1", *out], "--weight-decay"),
+             (["--beta1", "1.5", *out], "--beta1"), (["--eps", "0", *out], "--eps"),
+             (["--min-lr-ratio", "2", *out], "--min-lr-ratio"), (["--warmup-steps", "-1", *out], "--warmup-steps"),
+             (["--samples", "-1", *out], "--samples"), (["--n-layer", "0", *out], "n_layer"),
+             (["--dropout", "1.5", *out], "dropout"), (["--rel-max-distance", "8", *out], "rel_max_distance"),
+             (["--rtd", "--rtd-weight", "-1", *out], "rtd_weight"),
+             (["--out-dir", str(tmp_path / "hf")], "Hugging Face checkpoint"),
+             (["--export-hf", str(tmp_path / "run"), *out], "holding an MPNext run")]
+    for args, needle in cases:
+        assert train.main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and needle in err and len(err.splitlines()) == 1, (args, err)
+    assert not (tmp_path / "new").exists()
+
+
+def load_run(out):
+    """The model and tokenizer of a run directory (the lab's lab.use.load_run does the same for users)."""
+    ckpt = data.read_run(str(out))
+    model = MPNext(MPNextConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), data.load_tokenizer(str(out))
 
 
 def make_hf_mpnet(path):
@@ -2102,7 +1778,7 @@ def test_init_from_hf_mpnet_continue_pretraining_and_export(tmp_path):
             "--max-steps", "3", "--eval-every", "3", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "1",
             "--samples", "1", "--warmup-steps", "1", "--export-hf", str(tmp_path / "exported")]
     assert train.main(argv) == 0
-    model, tok2 = train.load_run(str(tmp_path / "run"))
+    model, tok2 = load_run(str(tmp_path / "run"))
     assert isinstance(tok2, data.HFTokenizer) and model.cfg.masking == "word" and model.cfg.d_model == 32
     hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "exported").eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
@@ -2112,12 +1788,8 @@ def test_init_from_hf_mpnet_continue_pretraining_and_export(tmp_path):
         assert not torch.allclose(hf(x).logits, transformers.MPNetForMaskedLM.from_pretrained(hf_dir)(x).logits)
     answers = transformers.pipeline("fill-mask", model=str(tmp_path / "exported"))("the old cat sees the <mask> .")
     assert len(answers) == 5
-    # size flags that contradict the checkpoint: one line, status 2; fine-tuning takes the same checkpoint
+    # size flags that contradict the checkpoint: one line, status 2
     assert train.main(argv[:6] + ["--out-dir", str(tmp_path / "r2"), "--d-model", "64"]) == 2
-    fc, cfg, ft_model, ft_tok, _ = train.finetune_setup(["--init", hf_dir, "--data", toy_task(tmp_path / "t.csv"),
-                                                         "--out-dir", str(tmp_path / "ft"), "--max-len", "32"])
-    assert cfg.n_classes == 2 and isinstance(ft_tok, data.HFTokenizer)
-    assert (tmp_path / "ft" / "hf_tokenizer").is_dir()
 
 
 def test_init_from_an_mpnext_run_takes_weights_and_tokenizer_with_a_fresh_optimizer(tmp_path):
@@ -2132,3 +1804,19 @@ def test_init_from_an_mpnext_run_takes_weights_and_tokenizer_with_a_fresh_optimi
     model = train.train(tc, cfg, tok, device, train_b, val_b, ckpt, init_state)[0]
     assert (model.state_dict()["blocks.1.fc1.weight"] - before["blocks.1.fc1.weight"]).abs().max() < 1e-6
     assert train.main(argv + ["--out-dir", str(tmp_path / "third"), "--vocab", "500"]) == 2  # the vocab is the run's
+
+
+def test_the_core_imports_nothing_of_the_lab_and_no_two_files_import_each_other():
+    """Imports flow one way: lab -> train -> data -> mpnext, and mpnext needs only the standard library, torch and
+    numpy."""
+    def imported(name):
+        tree = ast.parse(open(os.path.join(HERE, name + ".py")).read())
+        return {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | {
+            n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    core = {"mpnext", "data", "train", "lab"}
+    assert {m: imported(m) & core for m in ("mpnext", "data", "train")} == {
+        "mpnext": set(), "data": {"mpnext"}, "train": {"data", "mpnext"}}
+    top_level = ast.parse(open(os.path.join(HERE, "mpnext.py")).read()).body  # (from_hf / to_hf import transformers
+    mods = {a.name for n in top_level if isinstance(n, ast.Import) for a in n.names}  # and safetensors where used)
+    mods |= {n.module for n in top_level if isinstance(n, ast.ImportFrom)}
+    assert {m.split(".")[0] for m in mods} - set(sys.stdlib_module_names) <= {"torch", "numpy"}
