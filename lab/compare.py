@@ -215,7 +215,7 @@ def pretrain_or_stop(argv):
 def steps_for_minutes(argv, minutes, timing_dir):
     """Steps that fill `minutes` with this cell's training steps: its tokens/s over the fastest 10 of steps 11-60 of a
     timing run (the first 10 hold warm-up and compilation; the fastest window is the least disturbed on a shared
-    machine, as in --benchmark; evaluation is not counted)."""
+    machine, as in the bench; evaluation is not counted)."""
     shutil.rmtree(timing_dir, ignore_errors=True)
     timing = ["--max-steps", "60", "--log-every", "10", "--eval-every", "60", "--warmup-steps", "0",
               "--schedule-steps", "0", "--seed", "0", "--samples", "0", "--out-dir", timing_dir]
