@@ -4,14 +4,13 @@ prose; or Tiny Shakespeare, or your UTF-8 .txt files), a byte-level BPE tokenize
 flavour; trained in seconds, lossless), runs on disk (checkpoints in and out), and pre-training batches: blocks of
 [<s>] + (T-1) tokens with the "starts a word" flags that whole-word masking needs.
 
-    >>> docs = load_documents(None)                    # stdlib docstrings
-    >>> tok = Tokenizer.train(docs, vocab_size=8192)
-    >>> stream = encode_documents(docs, tok)          # 1-D ids, documents separated by </s>
-    >>> x, is_word_start = Batches(stream, tok, seq_len=128, batch_size=32).sample(torch.Generator())
+    >>> tok = Tokenizer.train(docs := load_documents(None), vocab_size=8192)   # the stdlib docstrings
+    >>> x, is_word_start = Batches(encode_documents(docs, tok), tok, 128, 32).sample(torch.Generator())
 """
 
 import ast
 import dataclasses
+import functools
 import hashlib
 import heapq
 import io
@@ -43,15 +42,19 @@ def _cache_dir(cache_dir=None):
     return d
 
 
+def _file_mode():
+    umask = os.umask(0)  # (the only way to read it)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path, data):
     """bytes, or a function that writes to a file: a temp file next to the target, then a rename, so that a crash
     never leaves a half-written file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a run from the user's group
+    os.chmod(tmp, _file_mode())  # mkstemp's 0600 would hide a run from the user's group
     with os.fdopen(fd, "wb") as f:
         data(f) if callable(data) else f.write(data)
     os.replace(tmp, path)
@@ -80,8 +83,8 @@ def _stdlib_docstrings():
             nodes = [n for n in ast.walk(tree)
                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
             nodes.sort(key=lambda n: getattr(n, "lineno", 0))  # ast.walk is breadth-first; we want source order
-            strings = [ast.get_docstring(n) for n in nodes]
-            strings = [s.replace("\x1e", "") for s in strings if s and len(s) >= 40 and s.count(" ") >= 5]
+            strings = [s.replace("\x1e", "") for s in map(ast.get_docstring, nodes) if s and len(s) >= 40
+                       and s.count(" ") >= 5]
             if strings:
                 yield os.path.relpath(os.path.join(root, name), stdlib), strings
 
@@ -100,9 +103,8 @@ def default_corpus(cache_dir=None) -> list[str]:
 
 
 def _read_text(path: Path) -> str:
-    data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 (bad byte at offset {e.start}); re-save it as UTF-8") from None
 
@@ -141,8 +143,12 @@ def load_documents(path: str | None, cache_dir=None) -> list[str]:
                         f"'shakespeare', or no --data for the built-in corpus")
     if p.is_dir():
         files = sorted(p.rglob("*.txt"))
+        skipped = sorted({f.suffix or f.name for f in p.rglob("*") if f.is_file() and f.suffix != ".txt"})
         if not files:
             raise DataError(f"{p}: directory has no .txt files; put UTF-8 .txt files in it (one document each)")
+        if skipped:  # (say it: rt-polarity.pos beside a README.txt would train on the README alone)
+            print(f"note: {p}: read its {len(files)} .txt file(s) ({', '.join(f.name for f in files[:3])}), skipped "
+                  f"its other files ({' '.join(skipped)}); rename text files to .txt to train on them", file=sys.stderr)
         docs = [t.strip() for t in map(_read_text, files) if t.strip()]
         if not docs:
             raise DataError(f"{p}: all {len(files)} .txt files are empty; add some text")
@@ -197,20 +203,6 @@ def _merge(ids, pair, new_id):
     return out
 
 
-class _WordCache(dict):
-    """pre-token string -> tuple of ids; a miss runs BPE once. Bounded: cleared when it grows too big."""
-
-    def __init__(self, encode_word, max_size=500_000):
-        super().__init__()
-        self.encode_word, self.max_size = encode_word, max_size
-
-    def __missing__(self, word):
-        if len(self) >= self.max_size:
-            self.clear()
-        ids = self[word] = self.encode_word(word)
-        return ids
-
-
 class Tokenizer:
     """Ids: specials 0..4 (<s> <pad> </s> <unk> <mask>, MPNet's order), then bytes 5..260, then merges 261...
     word_start[i]: token i begins a word, i.e. is a special or its first byte is a space or ASCII punctuation,
@@ -220,7 +212,8 @@ class Tokenizer:
     def __init__(self, merges=()):
         self.merges = [tuple(m) for m in merges]
         self.n_special = len(SPECIAL_TOKENS)
-        self.bos_id, self.pad_id, self.eos_id, self.unk_id, self.mask_id = range(self.n_special)
+        self.special_ids = tuple(range(self.n_special))
+        self.bos_id, self.pad_id, self.eos_id, self.unk_id, self.mask_id = self.special_ids
         self.vocab = [s.encode() for s in SPECIAL_TOKENS] + [bytes([b]) for b in range(256)]
         self.ranks = {}  # (a, b) -> merged id; lower id = learned earlier = applied first
         for a, b in self.merges:
@@ -233,15 +226,14 @@ class Tokenizer:
         # "the next token starts a word": after any special (<s>, </s>) and after a token ending a line
         self.breaks_after = np.array([i < self.n_special or v.endswith(b"\n") for i, v in enumerate(self.vocab)])
         self._pat = re.compile(PATTERN)
-        self._cache = _WordCache(self._encode_word)
+        self._cached = functools.lru_cache(maxsize=500_000)(self._encode_word)  # each distinct pre-token: BPE once
 
     @classmethod
     def train(cls, text_or_docs, vocab_size=8192) -> "Tokenizer":
         """Learn up to vocab_size - 261 merges (fewer if a tiny text runs out of pairs, so read tok.vocab_size after).
         Each step merges the most frequent adjacent pair; ties go to the smallest (id_a, id_b), so training is
         deterministic. On "aaabdaaabac" (a=102, b=103, ...):
-        aa (4x) -> 261, then ab (2x, beats 261+a by id order) -> 262, then 261+262 -> 263, giving "XdXac".
-        """
+        aa (4x) -> 261, then ab (2x, beats 261+a by id order) -> 262, then 261+262 -> 263, giving "XdXac"."""
         tok = cls()
         n_merges = vocab_size - tok.vocab_size
         if n_merges < 0:
@@ -301,12 +293,12 @@ class Tokenizer:
     def encode(self, text: str, specials=False) -> list[int]:
         """Text -> ids; "<mask>" in text is just bytes, unless specials=True: then the names of SPECIAL_TOKENS become
         their ids, and "<mask>" takes the space before it, as RoBERTa's does ("the <mask> sat" hides one token " cat").
-        Each distinct pre-token is BPE'd once and cached: encoding is mostly a regex pass and dict lookups."""
+        Encoding is mostly a regex pass and cache lookups."""
         if specials:
             parts = re.split("( ?<mask>|" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")", text)
             return [i for k, p in enumerate(parts) for i in
                     ([SPECIAL_TOKENS.index(p.strip())] if k % 2 else self.encode(p))]
-        return list(chain.from_iterable(map(self._cache.__getitem__, self._pat.findall(text))))
+        return list(chain.from_iterable(map(self._cached, self._pat.findall(text))))
 
     def decode(self, ids) -> str:
         """ids -> text; <pad> is skipped, other specials are shown by name, broken UTF-8 becomes U+FFFD."""
@@ -317,10 +309,6 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """Short hash that changes whenever the encoding would change (used to validate caches)."""
         return hashlib.sha256(json.dumps([PATTERN, SPECIAL_TOKENS, self.merges]).encode()).hexdigest()[:16]
-
-    @property
-    def special_ids(self):
-        return tuple(range(self.n_special))
 
     def save(self, path):
         """To a file, or to DIR/tokenizer.json when path is a directory (as load_tokenizer reads it)."""
@@ -357,7 +345,6 @@ class Tokenizer:
         names = dict(bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>",
                      pad_token="<pad>", mask_token="<mask>")
         config = dict(tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_len, **names)
-        os.makedirs(out_dir, exist_ok=True)
         for name, content in (("tokenizer.json", obj), ("tokenizer_config.json", config),
                               ("special_tokens_map.json", names)):
             _atomic_write(os.path.join(out_dir, name), json.dumps(content, ensure_ascii=False).encode("utf-8"))
@@ -375,21 +362,21 @@ class Tokenizer:
 
 
 class HFTokenizer:
-    """A checkpoint's own Hugging Face tokenizer (MPNet's WordPiece) behind the interface of Tokenizer, so that the
-    batches, the masks and every objective run on it unchanged. `transformers` is imported only here. Word starts
-    follow WordPiece's convention: a piece starting with "##" continues a word, every other piece starts one."""
+    """A checkpoint's own Hugging Face tokenizer (MPNet's WordPiece) behind Tokenizer's interface, so that every
+    objective runs on it unchanged; a piece starting with "##" continues a word (WordPiece), all others start one."""
 
-    def __init__(self, name_or_path):
+    def __init__(self, name_or_path, offline=False):
         try:
             from transformers import AutoTokenizer
         except ImportError:
             raise DataError(f"{name_or_path}: reading a Hugging Face checkpoint needs `transformers`; "
                             f"pip install transformers") from None
         try:
-            self.hf = AutoTokenizer.from_pretrained(name_or_path)
-        except Exception as e:  # no such directory, no tokenizer files, hub unreachable
-            raise DataError(f"{name_or_path}: no Hugging Face tokenizer there ({type(e).__name__}); pass an MPNet "
-                            f"checkpoint directory, or a hub name while online") from None
+            self.hf = AutoTokenizer.from_pretrained(name_or_path, local_files_only=offline)
+        except Exception as e:  # no tokenizer files; with offline, a hub name not in the local cache
+            where = "in the local Hugging Face cache, and the hub is unreachable" if offline else "there"
+            raise DataError(f"{name_or_path}: no Hugging Face tokenizer {where} ({type(e).__name__}); pass an MPNet "
+                            f"checkpoint directory") from None
         h = self.hf
         ids = (h.bos_token_id, h.pad_token_id, h.eos_token_id, h.unk_token_id, h.mask_token_id)
         if None in ids:
@@ -403,7 +390,7 @@ class HFTokenizer:
         self.fingerprint = hashlib.sha256(json.dumps(pieces).encode()).hexdigest()[:16]
 
     def encode(self, text: str, specials=False) -> list[int]:
-        return self.hf(text, add_special_tokens=False, split_special_tokens=not specials)["input_ids"]
+        return self.hf(text, add_special_tokens=False, split_special_tokens=not specials, verbose=False)["input_ids"]
 
     def decode(self, ids) -> str:
         return self.hf.decode(ids.tolist() if hasattr(ids, "tolist") else ids)
@@ -448,22 +435,38 @@ def read_run(run_dir):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         config = ckpt["model_config"]
     except Exception as e:  # a corrupt file, or another program's
-        raise DataError(f"{path}: not an MPNext checkpoint ({type(e).__name__}); use another run or delete it"
-                        ) from None
+        raise DataError(f"{path}: not an MPNext checkpoint ({type(e).__name__}); use another run") from None
     if "whole_word" in config:  # a checkpoint saved before the masking field existed
         config["masking"] = "word" if config.pop("whole_word") else "token"
     return ckpt
 
 
+def check_init(path):
+    """A directory, or a hub name ("org/name"), else one error at once. True: offline, read only the local cache."""
+    if os.path.isdir(path):
+        return False
+    if path.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        raise DataError(f"--init {path}: no such run or checkpoint directory; pass a run's --out-dir, a Hugging Face "
+                        f"checkpoint directory, or a hub name such as microsoft/mpnet-base")
+    try:  # one quick try: transformers would retry for most of a minute before it says so
+        urllib.request.urlopen(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout=5).close()
+    except OSError as e:  # (an HTTP error is an answer: the hub is there)
+        return not isinstance(e, urllib.request.HTTPError)
+    return False
+
+
 def read_init(path):
     """--init: (model config, weights, tokenizer) of an MPNext run directory, or of a Hugging Face MPNet checkpoint
     (a directory or a hub name) with its own tokenizer."""
+    offline = check_init(path)
     if os.path.exists(os.path.join(path, "ckpt.pt")):
         ckpt = read_run(path)
         return mpnext.MPNextConfig(**{**ckpt["model_config"], "n_classes": 0}), ckpt["model"], load_tokenizer(path)
-    tok = HFTokenizer(path)
+    tok = HFTokenizer(path, offline)
     try:
-        model = mpnext.MPNext.from_hf(path, mask_id=tok.mask_id)
+        from transformers import MPNetForMaskedLM
+        model = mpnext.MPNext.from_hf(MPNetForMaskedLM.from_pretrained(path, local_files_only=offline),
+                                      mask_id=tok.mask_id)
     except Exception as e:
         raise DataError(f"--init {path}: not an MPNet checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
                         ) from None
@@ -493,6 +496,8 @@ def export_hf(model, tok, out_dir, labels=None):
     labels of a fine-tuned run, pipeline("text-classification"))."""
     model.to_hf(out_dir, labels)
     tok.to_hf(out_dir, model.cfg.max_len)
+    for name in os.listdir(out_dir):  # safetensors writes 0600: every file as the user's umask says
+        os.chmod(os.path.join(out_dir, name), _file_mode())
     print(f"wrote {out_dir}: transformers.AutoModelFor{'SequenceClassification' if labels else 'MaskedLM'}"
           f".from_pretrained({out_dir!r}) and AutoTokenizer.from_pretrained({out_dir!r}) load it")
 
@@ -514,12 +519,7 @@ def encode_documents(docs, tok, cache_path=None) -> np.ndarray:
                     return z["ids"]
         except Exception:
             pass  # unreadable or foreign cache file: rebuild it
-    ids = []
-    for d in docs:
-        ids += tok.encode(d)
-        ids.append(tok.eos_id)
-    if len(ids) == len(docs):  # nothing but separators
-        raise DataError(f"{cache_path or 'corpus'}: no tokens to train on (the documents are empty); pass some text")
+    ids = [i for d in docs for i in tok.encode(d) + [tok.eos_id]]
     stream = np.array(ids, dtype=np.uint16 if tok.vocab_size <= 65536 else np.int32)
     if cache_path is not None:
         buf = io.BytesIO()
@@ -529,13 +529,9 @@ def encode_documents(docs, tok, cache_path=None) -> np.ndarray:
 
 
 def word_start_flags(ids, tok):
-    """Per-position "starts a word" flags (bool, same type back) for a 1-D or (B, T) array/tensor of ids: position 0
-    and every position after a special or a line end start one, so "Hello" at a line start counts without a space."""
-    if isinstance(ids, torch.Tensor):
-        ids = ids.long()
-        ws, br = torch.from_numpy(tok.word_start)[ids], torch.from_numpy(tok.breaks_after)[ids]
-    else:
-        ws, br = tok.word_start[ids], tok.breaks_after[ids]
+    """Per-position "starts a word" flags (bool) for a 1-D or (B, T) array of ids: position 0 and every position
+    after a special or a line end start one, so "Hello" at a line start counts without a space."""
+    ws, br = tok.word_start[ids], tok.breaks_after[ids]
     ws[..., 1:] |= br[..., :-1]
     ws[..., :1] = True
     return ws
@@ -582,6 +578,10 @@ def prepare(path, out_dir, seq_len, batch_sizes, tok=None, vocab=4096, seed=0, r
     except OSError as e:
         raise DataError(f"--out-dir {out_dir}: cannot create it ({e.strerror}); pick a writable directory") from None
     train_docs, val_docs = split_documents(load_documents(path), seed=seed)
+    for part, docs in (("training", train_docs), ("validation", val_docs)):  # (refused before a tokenizer is trained)
+        if (n_bytes := sum(len(d.encode("utf-8", "surrogatepass")) + 1 for d in docs)) < seq_len:  # tokens <= bytes
+            raise DataError(f"{path or 'the corpus'}: its {part} part holds {n_bytes} bytes, less than one block of "
+                            f"--seq-len {seq_len} tokens; pass more text (or a smaller --seq-len)")
     fresh = tok is None and rank == 0
     if fresh:
         print(f"training a {vocab}-token BPE on {sum(map(len, train_docs)) / 1e6:.1f} MB ...", flush=True)

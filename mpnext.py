@@ -51,7 +51,7 @@ class MPNextConfig:
     n_head: int = 4  # attention heads per block
     d_model: int = 256  # hidden size D
     d_ff: int = 1024  # inner size of the feed-forward network
-    max_len: int = 128  # longest sequence; the position table has max_len + 2 rows (fairseq's offset, Sec. 3 below)
+    max_len: int = 128  # longest sequence; the position table has max_len + 2 rows (fairseq's position offset)
     # -- architecture knobs
     activation: str = "gelu"  # "gelu" (MPNet, erf form) or "mish" (arXiv 1908.08681), used in the FFN and the LM head
     pre_ln: bool = False  # False = post-LN blocks as in MPNet/BERT; True = pre-LN blocks plus a final LayerNorm
@@ -699,9 +699,10 @@ class MPNext(nn.Module):
         cfg = self.cfg
         check_hf_exportable(cfg)
         sd = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
-        out = {hf_key: sd[our_key] for hf_key, our_key in _hf_names(cfg.n_layer).items()}
-        out["lm_head.decoder.weight"] = sd["tok_emb.weight"]
-        out["lm_head.decoder.bias"] = sd["head_bias"]
+        out = {hf_key: sd[our_key] for hf_key, our_key in _hf_names(cfg.n_layer).items()  # a classifier: no LM head
+               if not (cfg.n_classes and hf_key.startswith("lm_head."))}
+        if not cfg.n_classes:
+            out["lm_head.decoder.weight"], out["lm_head.decoder.bias"] = sd["tok_emb.weight"], sd["head_bias"]
         for k in ("dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias") if cfg.n_classes else ():
             out["classifier." + k] = sd["classifier." + k]
         for i in range(cfg.n_layer):

@@ -1334,8 +1334,8 @@ def test_word_start_table_and_flags():
     flags = data.word_start_flags(ids, t)
     # "the" starts a line and "s" a document: forced True although the table says "continuation"
     assert flags.tolist() == [True, True, True, True, True, True, True, False]
-    tflags = data.word_start_flags(torch.from_numpy(ids).view(1, -1), t)
-    assert tflags.dtype == torch.bool and tflags[0].tolist() == flags.tolist()
+    rows = data.word_start_flags(ids.reshape(1, -1), t)  # (B, T) rows alike
+    assert rows.dtype == bool and rows[0].tolist() == flags.tolist()
     assert not t.word_start[piece["the"]] and flags.dtype == bool
 
 
@@ -1383,7 +1383,7 @@ def test_batches(tok):
     assert x1.shape == f1.shape == (4, 16) and x1.dtype == torch.long and f1.dtype == torch.bool
     assert torch.equal(x1, x2) and torch.equal(f1, f2)
     assert (x1[:, 0] == tok.bos_id).all()
-    assert torch.equal(f1, data.word_start_flags(x1, tok))  # same flags as computing them on the rows
+    assert torch.equal(f1, torch.from_numpy(data.word_start_flags(x1.numpy(), tok)))  # as computed on the rows
     text = tok.decode(x1[0, 1:])
     assert text in tok.decode(stream)  # rows are consecutive stream tokens
     rows = [x for x, _ in batches.iterate()]
@@ -1406,8 +1406,6 @@ def test_encode_documents_cache(tok, tmp_path, monkeypatch):
     other = data.Tokenizer.train("first document", vocab_size=data.Tokenizer().vocab_size + 5)
     s2 = data.encode_documents(docs, other, cache_path=path)  # different tokenizer -> rebuilt
     assert s2.tolist() == other.encode(docs[0]) + [2] + other.encode(docs[1]) + [2]
-    with pytest.raises(data.DataError):
-        data.encode_documents(["", ""], tok)
 
 
 def test_default_corpus(tmp_path):
@@ -1697,7 +1695,7 @@ def test_cli_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait, na\xefve".encode("latin-1") * 50)
     (tmp_path / "short.txt").write_text("just a few words of text here\n\nand a second paragraph")
     cases = [(["--data", "missing.txt"], "missing.txt"), (["--data", "empty.txt"], "empty.txt"),
-             (["--data", "latin1.txt"], "UTF-8"), (["--data", "short.txt", "--vocab", "300"], "shorter than one block"),
+             (["--data", "latin1.txt"], "UTF-8"), (["--data", "short.txt", "--vocab", "300"], "less than one block"),
              (["--preset", "enormous"], "unknown preset"), (["--resume", "--out-dir", "nowhere"], "ckpt.pt"),
              (["--resume", "--out-dir", "junk"], "not an MPNext checkpoint"), (["--grad-accum", "0"], "--grad-accum"),
              (["--n-head", "3"], "multiple of n_head"),
