@@ -378,12 +378,11 @@ class HFTokenizer:
             raise DataError(f"{name_or_path}: no Hugging Face tokenizer {where} ({type(e).__name__}); pass an MPNet "
                             f"checkpoint directory") from None
         h = self.hf
-        ids = (h.bos_token_id, h.pad_token_id, h.eos_token_id, h.unk_token_id, h.mask_token_id)
+        self.bos_id, self.pad_id, self.eos_id, self.unk_id, self.mask_id = ids = (
+            h.bos_token_id, h.pad_token_id, h.eos_token_id, h.unk_token_id, h.mask_token_id)
         if None in ids:
             raise DataError(f"{name_or_path}: the tokenizer lacks one of <s> <pad> </s> <unk> <mask>; MPNet needs all")
-        self.bos_id, self.pad_id, self.eos_id, self.unk_id, self.mask_id = ids
-        self.vocab_size = len(h)
-        self.special_ids = tuple(sorted(set(h.all_special_ids)))
+        self.vocab_size, self.special_ids = len(h), tuple(sorted(set(h.all_special_ids)))
         pieces = h.convert_ids_to_tokens(list(range(self.vocab_size)))
         self.word_start = np.array([not p.startswith("##") for p in pieces])
         self.breaks_after = np.isin(np.arange(self.vocab_size), self.special_ids)
@@ -442,23 +441,24 @@ def read_run(run_dir):
 
 
 def check_init(path):
-    """A directory, or a hub name ("org/name"), else one error at once. True: offline, read only the local cache."""
+    """--init names a directory or a hub name ("org/name"); anything else is refused at once. True: a hub name."""
     if os.path.isdir(path):
         return False
     if path.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
         raise DataError(f"--init {path}: no such run or checkpoint directory; pass a run's --out-dir, a Hugging Face "
                         f"checkpoint directory, or a hub name such as microsoft/mpnet-base")
-    try:  # one quick try: transformers would retry for most of a minute before it says so
-        urllib.request.urlopen(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout=5).close()
-    except OSError as e:  # (an HTTP error is an answer: the hub is there)
-        return not isinstance(e, urllib.request.HTTPError)
-    return False
+    return True
 
 
 def read_init(path):
     """--init: (model config, weights, tokenizer) of an MPNext run directory, or of a Hugging Face MPNet checkpoint
     (a directory or a hub name) with its own tokenizer."""
-    offline = check_init(path)
+    offline = False
+    if check_init(path):
+        try:  # one quick try: transformers would retry for most of a minute before it says so
+            urllib.request.urlopen(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout=5).close()
+        except OSError as e:  # (an HTTP error is an answer: the hub is there; else read only the local cache)
+            offline = not isinstance(e, urllib.request.HTTPError)
     if os.path.exists(os.path.join(path, "ckpt.pt")):
         ckpt = read_run(path)
         return mpnext.MPNextConfig(**{**ckpt["model_config"], "n_classes": 0}), ckpt["model"], load_tokenizer(path)

@@ -1639,7 +1639,7 @@ def test_save_every_and_an_all_warmup_warning(tmp_path, monkeypatch, capsys):
     argv = ["--data", toy_corpus(tmp_path / "corpus"), "--out-dir", str(tmp_path / "out"), *TINY_ARGS,
             "--max-steps", "40", "--eval-every", "100", "--save-every", "2", "--warmup-steps", "50"]
     assert train.main(argv) == 1
-    assert "covers the whole 40-step plan" in capsys.readouterr().err
+    assert "covers the whole learning-rate plan" in capsys.readouterr().err
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 4  # 6, 8, 10 followed NaN steps
 
 
@@ -1696,7 +1696,7 @@ def test_cli_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "short.txt").write_text("just a few words of text here\n\nand a second paragraph")
     cases = [(["--data", "missing.txt"], "missing.txt"), (["--data", "empty.txt"], "empty.txt"),
              (["--data", "latin1.txt"], "UTF-8"), (["--data", "short.txt", "--vocab", "300"], "less than one block"),
-             (["--preset", "enormous"], "unknown preset"), (["--resume", "--out-dir", "nowhere"], "ckpt.pt"),
+             (["--preset", "enormous"], "invalid choice"), (["--resume", "--out-dir", "nowhere"], "ckpt.pt"),
              (["--resume", "--out-dir", "junk"], "not an MPNext checkpoint"), (["--grad-accum", "0"], "--grad-accum"),
              (["--n-head", "3"], "multiple of n_head"),
              (["--objective", "mlm", "--rtd", "--sbo"], "leak the span"), (["--masking", "spans"], "invalid choice"),

@@ -7,8 +7,8 @@ Pre-train MPNext on your own text, on CPU or GPU: one process, or several under 
     python train.py --init microsoft/mpnet-base --data my_domain/ --masking word   # continue a real MPNet
     torchrun --nproc-per-node 4 train.py --preset base # several GPUs (or CPU processes): --batch-size is global
 
-Every field of MPNextConfig and of TrainConfig below is a flag. Writes DIR/log.jsonl, DIR/ckpt.pt and
-DIR/tokenizer.json. Fine-tuning, the probe, compare, the benchmark, fill and export: python -m lab --help.
+Every field of MPNextConfig and TrainConfig is a flag; a run writes DIR/log.jsonl, ckpt.pt and tokenizer.json.
+Fine-tuning, the probe, compare, the benchmark, fill and export: python -m lab --help.
 """
 
 import argparse
@@ -39,7 +39,7 @@ import mpnext
 class TrainConfig:
     data: str = ""  # a .txt file, a directory of .txt files, "shakespeare", or "" for the offline stdlib docstrings
     out_dir: str = "out"  # where log.jsonl, ckpt.pt and tokenizer.json go
-    preset: str = "tiny"  # model size: tiny | small | medium | base (flags below override single fields)
+    preset: str = "tiny"  # model size (the model flags below override single fields)
     vocab: int = 4096  # BPE vocabulary to train on the corpus (ignored with --resume)
     max_steps: int = 1600  # optimizer steps to run (a resumed run continues up to this)
     schedule_steps: int = 0  # length of the learning-rate plan; 0 = max_steps (set it to stop early and resume)
@@ -50,7 +50,7 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warmup
     decay: str = "linear"  # after warmup: linear (MPNet) or cosine, to min_lr_ratio * lr
     min_lr_ratio: float = 0.0  # final learning rate as a fraction of the peak
-    optimizer: str = "adamw"  # adamw | radam | ranger | ranger21
+    optimizer: str = "adamw"  # AdamW (MPNet), RAdam, Ranger (RAdam + Lookahead + GC) or Ranger21
     lookahead: bool = False  # wrap the optimizer in Lookahead (k=5, alpha=0.5)
     gc: bool = False  # gradient centralization on every optimizer
     weight_decay: float = 0.01  # decoupled; never on biases, LayerNorms and embeddings
@@ -64,8 +64,8 @@ class TrainConfig:
     log_every: int = 10  # steps between log.jsonl rows
     samples: int = 3  # fill-in-the-blank samples printed at each evaluation
     seed: int = 0  # seeds the model init, every batch and every mask draw
-    device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto (bf16 with bf16 matmuls, else fp16 on CUDA, else fp32) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto: cuda, else mps, else cpu
+    dtype: str = "auto"  # auto: bf16 where matmuls have it, else fp16 on CUDA, else fp32
     compile: bool = False  # torch.compile the loss (GPU speed knob; costs seconds to minutes at start)
     resume: bool = False  # continue from out_dir/ckpt.pt
     init: str = ""  # start from the weights and tokenizer of an MPNext run or an HF MPNet checkpoint (dir or hub name)
@@ -75,7 +75,8 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------------------------------
 # command line: every dataclass field becomes a flag, and check_run judges them all in one place
 
-CHOICES = dict(mpnext.CHOICES, device=("auto", "cpu", "cuda", "mps"), dtype=("auto", "float32", "bfloat16", "float16"))
+CHOICES = dict(mpnext.CHOICES, preset=tuple(mpnext.PRESETS), device=("auto", "cpu", "cuda", "mps"),
+               dtype=("auto", "float32", "bfloat16", "float16"))
 NOT_FLAGS = {"vocab_size", "pad_id", "mask_id", "special_ids", "n_classes", "pooling"}  # set by the data or finetune
 
 
@@ -92,6 +93,8 @@ class OneLineParser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message):  # argparse would print the whole usage first: one line says it
+        if self.prog == "python train.py" and re.match(r"unrecognized arguments: [^-]", message):  # a command?
+            message += "; train.py only pre-trains (fine-tuning and the lab's other commands: python -m lab --help)"
         self.exit(2, f"error: {message} ({self.prog} --help lists every flag)\n")
 
 
@@ -102,18 +105,19 @@ def add_fields(p, cls, defaults=None):
         if cls is mpnext.MPNextConfig and f.name in NOT_FLAGS:
             continue
         default = (defaults or {}).get(f.name, f.default)
-        help_ = f"{helps.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse formats help with %
+        help_ = (helps.get(f.name, "") + f" (default: {default})" * (default != "")).replace("%", "%%")  # (argparse: %)
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         else:
-            group.add_argument(flag, type=f.type, default=argparse.SUPPRESS, help=help_,
-                               choices=CHOICES.get(f.name), metavar=f.name.upper())
+            group.add_argument(flag, type=f.type, default=argparse.SUPPRESS, help=help_, choices=CHOICES.get(f.name),
+                               metavar=None if f.name in CHOICES else f.name.upper())  # choices: {a,b,c}
 
 
 def parse_args(argv=None):
     """Returns (train flags, model flags) holding only what the user typed, so --resume can tell them apart."""
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(usage="%(prog)s [flags]  (all below)", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     preset_arg = OneLineParser(add_help=False)  # --help shows the defaults of the preset in use
     preset_arg.add_argument("--preset", default=TrainConfig.preset)
     add_fields(p, TrainConfig)
@@ -146,7 +150,7 @@ def check_run(tc, cfg):
                       "grad_clip": (NOT_NEGATIVE[0], "0 (off) or a positive norm"), "eps": POSITIVE,
                       "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"), "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
                       "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1], a fraction of --lr")})
-    n_bpe, procs, plan = len(data.SPECIAL_TOKENS) + 256, world()[1], tc.schedule_steps or tc.max_steps
+    n_bpe, procs = len(data.SPECIAL_TOKENS) + 256, world()[1]
     checks = [  # (wrong, what to say)
         (tc.seq_len > cfg.max_len, f"--seq-len {tc.seq_len} exceeds the model's max_len {cfg.max_len}"),
         (tc.vocab < n_bpe, f"--vocab {tc.vocab}: a byte-level BPE needs at least {n_bpe} (specials + 256 bytes)"),
@@ -158,8 +162,7 @@ def check_run(tc, cfg):
         (tc.batch_size % (tc.grad_accum * procs), f"--batch-size {tc.batch_size} must be a multiple of --grad-accum "
                                                   f"{tc.grad_accum}" + f" x {procs} processes" * (procs > 1)),
         (tc.schedule_steps and tc.max_steps > tc.schedule_steps and tc.min_lr_ratio == 0 and tc.optimizer != "ranger21",
-         f"--max-steps {tc.max_steps} runs past --schedule-steps {tc.schedule_steps}, where the learning rate is 0; "
-         f"raise --schedule-steps (or set --min-lr-ratio)"),
+         f"--max-steps {tc.max_steps} runs past --schedule-steps {tc.schedule_steps} (learning rate 0): raise it"),
         (torchrun() and tc.device == "mps", "torchrun: --device mps cannot join a process group; use cpu or cuda")]
     for wrong, message in checks:
         if wrong:
@@ -167,8 +170,6 @@ def check_run(tc, cfg):
     if tc.export_hf:
         mpnext.check_hf_exportable(cfg)
         data.check_export_dir(tc.out_dir, tc.export_hf)
-    if tc.warmup_steps >= plan:
-        print(f"warning: --warmup-steps {tc.warmup_steps} covers the whole {plan}-step plan", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -225,12 +226,9 @@ class Updater:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip if self.clip > 0 else math.inf)
         grads_ok = bool(torch.isfinite(norm))
         if bool(torch.isfinite(loss)) and (grads_ok or self.scaler.is_enabled()):
-            self.scaler.step(self.optimizer)
-            self.bad, self.overflows = 0, 0 if grads_ok else self.overflows + 1
-            if not grads_ok:
-                tqdm.write(f"step {step}: fp16 gradient overflow; the loss scaler skipped this update")
-            if self.overflows >= 6 * MAX_BAD_STEPS:
-                self.bad = self.overflows
+            self.scaler.step(self.optimizer)  # (fp16: the scaler skips an overflow itself, and lowers its scale)
+            self.overflows = 0 if grads_ok else self.overflows + 1
+            self.bad = self.overflows if self.overflows >= 6 * MAX_BAD_STEPS else 0
         else:
             self.bad += 1
             tqdm.write(f"step {step}: the loss or the gradients are not finite; update skipped "
@@ -244,8 +242,7 @@ class Updater:
 
 
 class GracefulStop:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step and save a checkpoint; a second one
-    stops at once. Only in the main thread, where Python delivers signals."""
+    """Ctrl-C (SIGINT) or SIGTERM: stop after this step and save; a second one: at once (main thread only)."""
 
     def __enter__(self):
         self.signum, self.t = None, 0.0
@@ -256,8 +253,9 @@ class GracefulStop:
     def request(self, signum, frame):
         if self.signum is not None and torchrun() and time.time() - self.t < 2:
             return  # one Ctrl-C reaches a torchrun worker twice: from the terminal, and forwarded by torchrun
-        if self.signum is not None:
-            raise KeyboardInterrupt
+        if self.signum is not None:  # one line, not a traceback from wherever the loop was
+            print("\nstopped at once, without saving", file=sys.stderr)
+            sys.exit(128 + signum)
         self.signum, self.t = signum, time.time()
         tqdm.write(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
                    f"(press Ctrl-C again to stop at once, without saving)")
@@ -270,7 +268,6 @@ class GracefulStop:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # several processes: torchrun --nproc-per-node N train.py ... (PyTorch's DistributedDataParallel, arXiv 2006.15704)
-#
 # --batch-size stays the global batch: each optimizer step averages processes x --grad-accum micro-batches, and
 # micro-batch slot s (process r, accumulation a: s = r * grad_accum + a) draws from its own generator stream s. So a
 # 2-process run and a 1-process run with --grad-accum 2 train on the same batches; stream 0 is the 1-process stream.
@@ -292,17 +289,15 @@ def start_processes():
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for the run; errors (stderr) still show from every rank
 
 
-class LossOf(torch.nn.Sequential):
-    """DistributedDataParallel averages the gradients of what its forward() computes: here, model.loss (LossOf(model)
-    holds the model as its one child)."""
+class LossOf(torch.nn.Sequential):  # LossOf(model): the model as its one child
+    """DistributedDataParallel averages the gradients of what its forward() computes: here, model.loss."""
 
     def forward(self, batch):
         return self[0].loss(batch)
 
 
 def loss_function(model, cfg, device, compile_):
-    """model.loss; under torchrun wrapped in DistributedDataParallel (which must look for unused parameters with
-    ELECTRA, whose discriminator leaves its LM head out of the loss); compiled on request."""
+    """model.loss: under torchrun in DistributedDataParallel (classic ELECTRA leaves its LM head out of the loss)."""
     net = model.loss
     if torchrun():
         net = torch.nn.parallel.DistributedDataParallel(
@@ -326,8 +321,7 @@ def agree(step_loss, stopping):
 
 
 def rng_states(gens, device):
-    """Every batch stream and dropout RNG state of every process, for an exact resume (under torchrun a collective:
-    every process calls it at the same steps)."""
+    """Every batch stream and dropout RNG of every process, for an exact resume (torchrun: every process calls it)."""
     mine = {"batches": [g.get_state() for g in gens], "torch": [torch.get_rng_state()]}
     if device == "cuda":
         mine["cuda"] = [torch.cuda.get_rng_state()]
@@ -343,8 +337,7 @@ def rng_states(gens, device):
 
 @torch.no_grad()
 def evaluate(model, batches, cfg, tc, device, autocast):
-    """The run's losses and metrics (val_loss: their weighted sum) and val_mlm_*, the plain MLM score that compares
-    objectives (none for classic ELECTRA), on the first eval_batches blocks with a fixed masking seed."""
+    """The run's losses (val_*) and the plain MLM score (val_mlm_*) on fixed blocks, with a fixed masking seed."""
     model.eval()
     g = torch.Generator().manual_seed(1234)
     tasks = [("val", cfg)] + ([] if mpnext.is_electra(cfg) else [("val_mlm", mpnext.mlm_probe(cfg))])
@@ -366,8 +359,8 @@ def evaluate(model, batches, cfg, tc, device, autocast):
 
 @torch.no_grad()
 def fill_in_samples(model, tok, batches, cfg, device, n_samples, width=48):
-    """Hide ~15% of the words of a few validation snippets and let the model fill them in (natural order); after
-    classic ELECTRA, its generator does (the discriminator has no trained LM head)."""
+    """A few validation snippets with ~15% of their words hidden, filled in by the model (classic ELECTRA: its
+    generator, as the discriminator has no trained LM head)."""
     model.eval()
     lm, lines = model.generator if mpnext.is_electra(cfg) else model, []
     for i, (ids, starts) in enumerate(itertools.islice(batches.iterate(), n_samples)):
@@ -389,8 +382,7 @@ SCORES = {"acc": " acc {acc}", "mlm_loss": " | val_mlm_loss {mlm_loss} acc {mlm_
 
 
 def score_line(ev):
-    """val_loss, the weighted sum of the run's losses (its LM part beside it, if other heads add to it), then the
-    plain MLM score and the ELECTRA and SBO heads."""
+    """val_loss (all losses weighted; its LM part if other heads add to it), the plain MLM score, ELECTRA, SBO."""
     s = {k.removeprefix("val_"): f"{v:.3f}" for k, v in ev.items()}
     lm = abs(ev.get("val_lm_loss", ev["val_loss"]) - ev["val_loss"]) > 1e-9
     return f"val_loss {s['loss']}" + f" (lm {s.get('lm_loss')})" * lm + "".join(
@@ -401,17 +393,19 @@ def score_line(ev):
 # setup: flags, checkpoint, data and tokenizer; everything a user's input can break happens here, before training
 
 def setup(argv=None):
-    """Returns (train config, model config, tokenizer, device, training batches, validation batches, checkpoint to
-    resume, --init weights)."""
+    """(train config, model config, tokenizer, device, train / val batches, checkpoint to resume, --init weights)"""
     train_args, model_args = parse_args(argv)
     out_dir = train_args.get("out_dir", TrainConfig.out_dir)
     ckpt, init_state, tok = None, None, None
+    if train_args.get("init") and not train_args.get("resume"):
+        data.check_init(train_args["init"])  # the input before the output: a mistyped path is refused at once
     data.check_out_dir(out_dir, "--out-dir")
     if train_args.get("resume"):
         tc, cfg, ckpt = resume_configs(out_dir, train_args, model_args)
         tok = data.load_tokenizer(out_dir)
     elif os.path.exists(os.path.join(out_dir, "ckpt.pt")):
-        raise ValueError(f"{out_dir} already holds a run (ckpt.pt): continue it with --resume, or change --out-dir")
+        raise ValueError(f"{out_dir} already holds a run: train it further with --resume and a larger --max-steps, "
+                         f"or start a new one with another --out-dir")
     elif train_args.get("init"):  # the checkpoint fixes the model size and the vocabulary; objective and heads are free
         tc = TrainConfig(**train_args)
         cfg, init_state, tok = data.read_init(tc.init)
@@ -425,11 +419,13 @@ def setup(argv=None):
         cfg = mpnext.MPNextConfig.from_preset(tc.preset, tc.seq_len, **model_args)
     check_run(tc, cfg)  # fail fast, before any data work
     device, rank, procs = pick_device(tc.device), *world()
-    tok, train_b, val_b = data.prepare(tc.data or None, out_dir, tc.seq_len,
-                                       (tc.batch_size // (tc.grad_accum * procs), tc.batch_size), tok, tc.vocab,
-                                       tc.seed, rank)
+    micro_batch = tc.batch_size // (tc.grad_accum * procs)
+    tok, train_b, val_b = data.prepare(tc.data or None, out_dir, tc.seq_len, (micro_batch, tc.batch_size), tok,
+                                       tc.vocab, tc.seed, rank)
     cfg = dataclasses.replace(cfg, vocab_size=tok.vocab_size, pad_id=tok.pad_id, mask_id=tok.mask_id,
                               special_ids=tok.special_ids)  # a new tokenizer's; for --resume and --init, unchanged
+    if "warmup_steps" in train_args and tc.warmup_steps >= (tc.schedule_steps or tc.max_steps) and rank == 0:
+        print(f"warning: --warmup-steps {tc.warmup_steps} covers the whole learning-rate plan", file=sys.stderr)
     return tc, cfg, tok, device, train_b, val_b, ckpt, init_state
 
 
@@ -453,7 +449,8 @@ def resume_configs(out_dir, train_args, model_args):
                          f"--grad-accum), this run has {world()[1]} x {tc.grad_accum}; resume with {n_streams} in all "
                          f"(in one process: --grad-accum {n_streams}, which draws the same batches)")
     if tc.max_steps <= ckpt["step"]:
-        raise ValueError(f"--resume: {out_dir}/ckpt.pt is at step {ckpt['step']} already; pass a larger --max-steps")
+        raise ValueError(f"--resume: {out_dir} is at step {ckpt['step']} already; to train further, pass a larger "
+                         f"--max-steps")
     changed = sorted(k for k, v in model_args.items() if getattr(cfg, k) != v)
     if changed:  # the same command line plus --resume is fine; a different model is not
         raise ValueError(f"--resume keeps the model/objective of the checkpoint; drop or fix {changed}")
@@ -472,8 +469,7 @@ def make_optimizer(model, tc):
 # the run
 
 def build(tc, cfg, device, ckpt, init_state):
-    """Model, optimizer, loss scaler and this process's batch streams, at step 0 or restored from --resume's
-    checkpoint (weights, optimizer, scaler and every random stream, for an exact continuation)."""
+    """Model, optimizer, loss scaler and this process's batch streams: new, or all of them as --resume's saved them."""
     torch.manual_seed(tc.seed)
     model = mpnext.MPNext(cfg).to(device)
     if init_state is not None and ckpt is None:  # --init: its encoder; heads it lacks (or of another size) start fresh
@@ -522,9 +518,11 @@ def save_checkpoint(tc, cfg, model, optimizer, scaler, step, best, rng):
     return True
 
 
+PLAIN_EVERY = 20  # seconds between progress lines when the output is not a terminal
+
+
 class Progress:
-    """What a run shows, from rank 0 alone: its first line, the progress bar, DIR/log.jsonl (a row every --log-every
-    steps and one per evaluation), and evaluations with fill-in samples on the console."""
+    """What a run shows, from rank 0 alone: its first line, the bar, DIR/log.jsonl, evaluations and samples."""
 
     def __init__(self, tc, cfg, model, device, dtype, train_b, step):
         heads = ("generator.", "disc.", "sbo.")  # the encoder's size is the model's; the generator and heads apart
@@ -533,7 +531,7 @@ class Progress:
         print(f"MPNext {mpnext.recipe(cfg)} | {self.n_params / 1e6:.2f}M params"
               f"{f' (+{extra / 1e6:.2f}M generator/heads)' if extra else ''} | {device} {str(dtype).split('.')[-1]} | "
               f"{len(train_b.stream) / 1e6:.2f}M train tokens | steps {step}->{tc.max_steps}", flush=True)
-        self.tc, self.t0, self.t_last, self.tokens, self.tok_last = tc, time.time(), time.time(), 0, 0
+        self.tc, self.t0, self.t_last, self.t_print, self.tokens, self.tok_last = tc, *[time.time()] * 3, 0, 0
         self.log = data.open_log(tc.out_dir, step, world()[0])
         self.bar = tqdm(total=tc.max_steps, initial=step, dynamic_ncols=True, disable=None if world()[0] == 0 else True)
 
@@ -551,12 +549,15 @@ class Progress:
         self.log.write(json.dumps(row) + "\n")
         heads = {k: f"{row[k]:.2f}" for k in ("gen_acc", "disc_auc", "disc_recall", "sbo_loss") if k in row}
         self.bar.set_postfix(loss=f"{row['loss']:.3f}", **heads, lr=f"{lr:.2e}", tok_s=f"{tok_s / 1e3:.1f}k")
+        if self.bar.disable and now - self.t_print >= PLAIN_EVERY:  # no terminal, no bar: a job's log shows progress
+            self.t_print = now
+            print(f"step {step}/{self.tc.max_steps} | {self.bar.postfix}", flush=True)
 
     def evaluation(self, step, loss, ev, samples):
         self.log.write(json.dumps({"step": step, "loss": loss.item(), **ev}) + "\n")
         tqdm.write(f"step {step}: {score_line(ev)}")
         if not math.isfinite(ev["val_loss"]):  # a poisoned model never overwrites the last good checkpoint
-            tqdm.write(f"step {step}: validation loss is not finite; {self.tc.out_dir}/ckpt.pt is not overwritten")
+            tqdm.write(f"step {step}: validation loss not finite; {self.tc.out_dir}/ckpt.pt is not overwritten")
         elif samples:
             tqdm.write(samples())
 
@@ -575,7 +576,6 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None):
     update, save = Updater(model, optimizer, scaler, tc.grad_clip), functools.partial(
         save_checkpoint, tc, cfg, model, optimizer, scaler)
     progress, ev, stopping = Progress(tc, cfg, model, device, dtype, train_b, step), {}, False
-    model.train()
     with GracefulStop() as stop:  # Ctrl-C: finish the step, then save below
         while step < tc.max_steps and not stopping:
             step_loss = 0.0
@@ -607,8 +607,7 @@ def train(tc, cfg, tok, device, train_b, val_b, ckpt=None, init_state=None):
     minutes, tokens = progress.close()
     if update.gave_up:
         print(f"error: the loss or the gradients were not finite for {update.bad} steps in a row (up to step {step}); "
-              f"the last good checkpoint, {tc.out_dir}/ckpt.pt, is untouched. Lower --lr, or try --dtype float32",
-              file=sys.stderr)
+              f"{tc.out_dir}/ckpt.pt is untouched. Lower --lr, or try --dtype float32", file=sys.stderr)
         return model, ev, 1
     if stopping and step < tc.max_steps:
         done = update.bad == 0 and save(step, best, rng_states(gens, device))
@@ -633,6 +632,9 @@ def main(argv=None):
     except ValueError as e:  # user mistakes (data.DataError is one too): one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while reading the corpus or training the tokenizer
+        print("\nstopped (Ctrl-C) before training began: nothing to resume; run the command again", file=sys.stderr)
+        return 128 + signal.SIGINT
     if torchrun() and world()[0] == 0:
         dist.barrier()
     model, _, status = train(*run)

@@ -46,7 +46,7 @@ class FinetuneConfig:
     preset: str = "tiny"  # random init only: the model size
     vocab: int = 4096  # random init only: BPE vocabulary trained on the task's training texts
     seed: int = 0  # seeds the init of new weights, the batch order and dropout
-    device: str = "auto"  # auto | cpu | cuda | mps
+    device: str = "auto"  # auto: cuda, else mps, else cpu
     dtype: str = "auto"  # as for pre-training
     compile: bool = False  # torch.compile the loss
 
