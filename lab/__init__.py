@@ -3,19 +3,31 @@ The MPNext lab: everything beyond pre-training, run as `python -m lab <command>`
 It builds on train.py, mpnext.py and data.py; none of them imports the lab.
 """
 
+import argparse
 import importlib
 import sys
 
-COMMANDS = {  # name: (module, what it does)
-    "finetune": ("lab.finetune", "fine-tune a run (or an HF MPNet) on a classification task, or --probe its features"),
-    "compare": ("lab.compare", "pre-train a grid of recipes on one budget, then probe / fine-tune each over seeds"),
-    "bench": ("lab.bench", "time one training step of each objective and head, beside HF's MPNetForMaskedLM"),
-    "fill": ("lab.use", "print the top-k tokens for each <mask> of a text"),
-    "export": ("lab.use", "write a run as a Hugging Face checkpoint with its tokenizer"),
+COMMANDS = {  # name: (module, what it does, what a Ctrl-C keeps)
+    "finetune": ("lab.finetune", "fine-tune a run (or an HF MPNet) on a classification task, or --probe its features",
+                 "a fine-tuning keeps its best epoch so far in --out-dir; a probe keeps nothing"),
+    "compare": ("lab.compare", "pre-train a grid of recipes on one budget, then probe / fine-tune each over seeds",
+                "results.csv keeps every finished row: run the same command again to go on"),
+    "bench": ("lab.bench", "time one training step of each objective and head, beside HF's MPNetForMaskedLM",
+              "nothing to keep"),
+    "fill": ("lab.use", "print the top-k tokens for each <mask> of a text", "nothing to keep"),
+    "export": ("lab.use", "write a run as a Hugging Face checkpoint with its tokenizer",
+               "the export directory may be incomplete: export again"),
 }
 USAGE = "usage: python -m lab <command> [flags]   (python -m lab <command> --help lists its flags)\n\ncommands:\n" + \
-    "\n".join(f"  {name:<9} {what}" for name, (_, what) in COMMANDS.items()) + \
+    "\n".join(f"  {name:<9} {what}" for name, (_, what, _) in COMMANDS.items()) + \
     "\n\nPre-training itself is python train.py (python train.py --help)."
+
+
+class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with "(default: X)" after each flag that has one (not after empty or off ones)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in ("", None, False) else super()._get_help_string(action)
 
 
 def main(argv=None):
@@ -39,3 +51,6 @@ def main(argv=None):
     except ValueError as e:  # user mistakes (data.DataError is one too): one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # in any phase that has no Ctrl-C handling of its own
+        print(f"\nstopped (Ctrl-C): {COMMANDS[argv[0]][2]}", file=sys.stderr)
+        return 130

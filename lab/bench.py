@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import mpnext
 import train
+from lab import ShowDefaults
 
 
 def device_name(device):
@@ -166,11 +167,12 @@ def benchmark(tc, cfg, device, train_b, only=None, steps=10):
 
 
 def bench(argv=None):
-    p = train.OneLineParser(prog="python -m lab bench", description="Time one training step of each objective and "
+    p = train.OneLineParser(prog="python -m lab bench", formatter_class=ShowDefaults,
+                            description="Time one training step of each objective and "
                             "head side by side. Every other flag is a pre-training flag (python train.py --help) and "
                             "sets the model, the batch, the corpus and the device.")
     p.add_argument("--rows", default="", help=f"comma-separated rows to time, of {','.join(BENCH_ROWS)}; default all")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per row; the fastest counts (default: 10)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per row; the fastest counts")
     args, pretrain = p.parse_known_args(argv)
     only = set(args.rows.split(",")) if args.rows else None
     if only and not only <= set(BENCH_ROWS):

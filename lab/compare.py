@@ -21,6 +21,7 @@ import time
 import data
 import mpnext
 import train
+from lab import ShowDefaults
 from lab import tasks as tasks_
 from lab.bench import device_name
 from lab.finetune import finetune, finetune_flags
@@ -30,9 +31,9 @@ COMPARE_SETS = {"seed", "out_dir", "resume"}  # pre-training flags compare sets 
 
 
 def compare_args(argv):
-    p = train.OneLineParser(prog="python -m lab compare", description="Pre-train every cell of a grid on the same "
-                            "budget, then probe / fine-tune each on a list of tasks over several seeds. Other flags go "
-                            "to pre-training.")
+    p = train.OneLineParser(prog="python -m lab compare", formatter_class=ShowDefaults, description="Pre-train every "
+                            "cell of a grid on the same budget, then probe / fine-tune each on a list of tasks over "
+                            "several seeds. Other flags go to pre-training.")
     p.add_argument("--cells", default="", help='recipes separated by "|", each "flag=value ..." (e.g. "objective=mlm |'
                    ' objective=mpnet rtd=true")')
     p.add_argument("--grid", default="", help='axes crossed with every cell, e.g. "activation=gelu,mish '
@@ -154,7 +155,8 @@ def compare(argv=None):
         run_dir = run_dir_of(cell, seed)
         pre = {"val_mlm_loss": "", "pretrain_min": 0.0}
         if extra is not None:  # pre-train (or finish pre-training) the cell
-            pre = pretrain_cell(pretrain + extra + ["--seed", str(seed), "--out-dir", run_dir, "--samples", "0"])
+            pre = pretrain_cell(pretrain + extra + ["--seed", str(seed), "--out-dir", run_dir, "--samples", "0"],
+                                f"{cell} | seed {seed}")
         ft_dir = os.path.join(run_dir, f"ft-{slug(task_name(task))}-{protocol}")
         if os.path.exists(ft_dir):
             shutil.rmtree(ft_dir)  # an interrupted fine-tuning: start it again
@@ -227,12 +229,13 @@ def steps_for_minutes(argv, minutes, timing_dir):
     return max(1, int(minutes * 60 * max(tok_s[1:]) / tokens_per_step))
 
 
-def pretrain_cell(argv):
+def pretrain_cell(argv, title):
     """Pre-train a cell to its --max-steps (resuming a stopped run); its val_mlm_loss and minutes from the log."""
     out_dir = argv[argv.index("--out-dir") + 1]
     path = os.path.join(out_dir, "ckpt.pt")
     step = data.read_run(out_dir)["step"] if os.path.exists(path) else 0
     if step < pretrain_value(argv, "max_steps"):
+        print(f"\n=== {title} | pre-training", flush=True)
         pretrain_or_stop(argv + ["--resume"] * bool(step))
     evals = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl")) if '"val_loss"' in line]
     start = os.path.getmtime(os.path.join(out_dir, "train_tokens.npz"))  # written just before training starts
@@ -243,6 +246,10 @@ def pretrain_cell(argv):
 def mean_std(xs):
     m = sum(xs) / len(xs)
     return m, (sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
+
+
+def mean_pm(xs):  # "mean +- std" over seeds; one seed has no spread to show
+    return "%.1f +- %.1f" % mean_std(xs) if len(xs) > 1 else "%.1f" % xs[0]
 
 
 def compare_table(rows, cells, tasks, protocols, pretrain, budget, minutes):
@@ -259,7 +266,7 @@ def compare_table(rows, cells, tasks, protocols, pretrain, budget, minutes):
         cells_txt, seeds_avg = [], []
         for t, p in cols:
             acc = [100 * float(r["test_acc"]) for r in mine if r["task"] == t and r["protocol"] == p]
-            cells_txt.append("%.1f +- %.1f" % mean_std(acc) if acc else "")
+            cells_txt.append(mean_pm(acc) if acc else "")
         per_seed = {}
         for r in mine:
             per_seed.setdefault(r["seed"], []).append(100 * float(r["test_acc"]))
@@ -267,7 +274,7 @@ def compare_table(rows, cells, tasks, protocols, pretrain, budget, minutes):
         loss = [float(r["val_mlm_loss"]) for r in mine if r["val_mlm_loss"] not in ("", None)]
         mins = {r["seed"]: float(r["pretrain_min"]) for r in mine}
         lines.append(f"| {cell} | " + " | ".join(cells_txt) +
-                     f" | {'%.1f +- %.1f' % mean_std(seeds_avg) if seeds_avg else ''}"
+                     f" | {mean_pm(seeds_avg) if seeds_avg else ''}"
                      f" | {'%.3f' % mean_std(loss)[0] if loss else '-'}"
                      f" | {'%.1f' % mean_std(list(mins.values()))[0] if mins else ''} |")
     return "\n".join(lines) + "\n"

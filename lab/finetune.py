@@ -76,9 +76,12 @@ def finetune_flags(argv, prog="python -m lab finetune"):
 def finetune_setup(argv):
     """Flags, checks, task, tokenizer and model, before any training: (fc, cfg, model, tok, task)."""
     fc, typed = finetune_flags(argv)
+    if fc.init:
+        data.check_init(fc.init)  # the input before the output: a mistyped path is refused at once
     data.check_out_dir(fc.out_dir, "--out-dir")
     if os.path.exists(os.path.join(fc.out_dir, "ckpt.pt")):
-        raise ValueError(f"{fc.out_dir} already holds a fine-tuned model; pick another --out-dir or delete it")
+        raise ValueError(f"{fc.out_dir} already holds a fine-tuned model: to fine-tune again, pass another --out-dir "
+                         f"(or delete that one)")
     task = tasks.load_task(fc.data or None, fc.split_seed, fc.train_size, fc.label_col, fc.text_cols)
     state = None
     if fc.init:  # a pre-training (or fine-tuning) run directory, or a Hugging Face MPNet checkpoint
@@ -169,7 +172,7 @@ def finetune(argv=None):
         update = train.Updater(model, optimizer, scaler, clip=1.0)
         loss_fn = torch.compile(model.loss) if fc.compile else model.loss
         gen = torch.Generator().manual_seed(fc.seed)
-        step, best, best_epoch = 0, -1.0, 0
+        step, best, best_epoch, t_print = 0, -1.0, 0, time.time()
         bar = tqdm(total=total, dynamic_ncols=True, disable=None)
         with train.GracefulStop() as stop:
             for epoch in range(1, fc.epochs + 1):
@@ -181,6 +184,9 @@ def finetune(argv=None):
                     step += 1
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+                    if bar.disable and time.time() - t_print >= train.PLAIN_EVERY:  # no terminal: a plain line
+                        t_print = time.time()
+                        print(f"step {step}/{total} | epoch {epoch} | loss {loss.item():.3f}", flush=True)
                     if stop.signum is not None or update.gave_up:
                         break
                 dev_acc = (predict("dev") == labels["dev"]).float().mean().item()
@@ -213,5 +219,5 @@ def finetune(argv=None):
     log.write(json.dumps(res) + "\n")
     log.close()
     print(f"summary | {task.name} | {res['protocol']} | {source(fc)} | test_acc {res['test_acc']:.4f} "
-          f"test_f1 {res['test_f1']:.4f} | dev_acc {res['dev_acc']:.4f} | {res['minutes']:.1f} min")
+          f"test_f1 {res['test_f1']:.4f} | dev_acc {res['dev_acc']:.4f} | {res['minutes']:.1f} min | in {fc.out_dir}")
     return res, status

@@ -3,11 +3,14 @@ Use a trained run: lab.use.load_run(DIR) in Python; python -m lab fill --init DI
 export --init DIR OUT for Hugging Face transformers.
 """
 
+import sys
+
 import torch
 
 import data
 import mpnext
 import train
+from lab import ShowDefaults
 
 
 def load_run(out_dir, device="cpu"):
@@ -23,8 +26,8 @@ def load_run(out_dir, device="cpu"):
 def export(argv=None):
     """A run's model and tokenizer as a Hugging Face checkpoint: pipeline("fill-mask", model=OUT) works, or for a
     fine-tuned run pipeline("text-classification", model=OUT)."""
-    p = train.OneLineParser(prog="python -m lab export", description="Write a run as an HF checkpoint with its "
-                            "tokenizer.")
+    p = train.OneLineParser(prog="python -m lab export", formatter_class=ShowDefaults,
+                            description="Write a run as an HF checkpoint with its tokenizer.")
     p.add_argument("--init", required=True, help="a run's --out-dir")
     p.add_argument("out", help="the directory to write")
     args = p.parse_args(argv)
@@ -36,8 +39,8 @@ def export(argv=None):
 
 def fill(argv=None):
     """Print the top-k tokens for each <mask> of each text. A mask stands for ONE token (a word piece)."""
-    p = train.OneLineParser(prog="python -m lab fill", description="Top-k completions for each <mask> (one token "
-                            "each).")
+    p = train.OneLineParser(prog="python -m lab fill", formatter_class=ShowDefaults,
+                            description="Top-k completions for each <mask> (one token each).")
     p.add_argument("--init", required=True, help="a run's --out-dir")
     p.add_argument("--top-k", type=int, default=5, help="completions per <mask> (at least 1)")
     p.add_argument("--device", default="cpu", choices=train.CHOICES["device"])
@@ -47,12 +50,17 @@ def fill(argv=None):
     device = train.pick_device(args.device)
     model, tok = load_run(args.init, device)
     lm = model.generator if mpnext.is_electra(model.cfg) else model  # classic ELECTRA: its generator fills in
+    if model.cfg.n_classes:
+        print(f"warning: {args.init} is a fine-tuned classifier: its LM head was not trained with the fine-tuned "
+              f"encoder, so these guesses mean little; fill in with the pre-training run", file=sys.stderr)
     results = []
     for text in args.text:
-        ids = [tok.bos_id] + tok.encode(text, specials=True) + [tok.eos_id]
+        ids = [tok.bos_id] + tok.encode(text.replace("[MASK]", "<mask>"), specials=True) + [tok.eos_id]  # (BERT's)
         where = [i for i, t in enumerate(ids) if t == tok.mask_id]
-        if not where or len(ids) > model.cfg.max_len:
-            raise ValueError(f"{text!r}: needs at least one <mask> and at most {model.cfg.max_len} tokens")
+        if not where:
+            raise ValueError(f"{text!r}: no blank in it; write each blank as <mask> (one token each)")
+        if len(ids) > model.cfg.max_len:
+            raise ValueError(f"{text!r}: {len(ids)} tokens, more than the model's {model.cfg.max_len}; shorten it")
         with torch.no_grad():
             probs = lm(torch.tensor([ids], device=device)).float().softmax(-1)[0, where].cpu()  # (masks, V)
         top = probs.topk(min(args.top_k, probs.shape[-1]))
