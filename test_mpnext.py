@@ -1826,3 +1826,91 @@ def test_the_core_imports_nothing_of_the_lab_and_no_two_files_import_each_other(
     mods = {a.name for n in top_level if isinstance(n, ast.Import) for a in n.names}  # and safetensors where used)
     mods |= {n.module for n in top_level if isinstance(n, ast.ImportFrom)}
     assert {m.split(".")[0] for m in mods} - set(sys.stdlib_module_names) <= {"torch", "numpy"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train.py and data.py as a new user meets them: every message and every wait
+
+def test_a_mistyped_init_is_refused_at_once_without_the_network(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("out")
+    (tmp_path / "out" / "ckpt.pt").write_bytes(b"")  # an output that would clash: the input is judged first
+    for bad in ("outt", "./outt", "/no/such/dir"):
+        start = time.time()
+        assert train.main(["--init", bad]) == 2
+        err = capsys.readouterr().err
+        assert time.time() - start < 1 and err.count("\n") == 1 and "no such run or checkpoint directory" in err, err
+
+
+def test_a_hub_name_while_offline_is_one_line_and_quick(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: as offline as it gets
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-cache"))
+    start = time.time()
+    assert train.main(["--init", "nobody/no-such-model", "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert time.time() - start < 10 and err.count("\n") == 1 and "hub is unreachable" in err, err
+
+
+def test_a_rerun_says_how_to_go_on(tmp_path, capsys):
+    out = run_train(tmp_path, "--max-steps", "2", "--eval-every", "2")
+    capsys.readouterr()
+    assert train.main(["--out-dir", str(out), "--max-steps", "2"]) == 2
+    assert "--resume and a larger --max-steps" in capsys.readouterr().err
+    assert train.main(["--out-dir", str(out), "--max-steps", "2", "--resume"]) == 2
+    assert "at step 2 already; to train further, pass a larger --max-steps" in capsys.readouterr().err
+
+
+def test_a_directory_says_what_it_skipped_and_too_little_text_is_refused_before_bpe(tmp_path, capsys):
+    d = tmp_path / "polarity"
+    d.mkdir()
+    (d / "README.txt").write_text("Sentence polarity data: 5331 positive and 5331 negative snippets.\n")
+    (d / "rt-polarity.pos").write_text("a fine film .\n" * 200)
+    (d / "rt-polarity.neg").write_text("a dull film .\n" * 200)
+    assert train.main(["--data", str(d), "--out-dir", str(tmp_path / "o")]) == 2
+    out, err = capsys.readouterr()
+    assert "note:" in err and "README.txt" in err and ".neg .pos" in err
+    assert "less than one block" in err and "BPE" not in out  # refused before a tokenizer is trained
+
+
+def test_ctrl_c_while_the_tokenizer_trains_is_one_line_and_status_130(tmp_path):
+    """SIGINT in the BPE phase (made to last: its training sleeps) ends with one line and the shell's 130."""
+    corpus = toy_corpus(tmp_path / "corpus")
+    code = ("import sys, time, data, train\n"
+            "data.Tokenizer.train = classmethod(lambda cls, *a, **k: (print('training', flush=True), time.sleep(60)))\n"
+            f"sys.exit(train.main(['--data', {corpus!r}, '--out-dir', {str(tmp_path / 'o')!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    line = ""
+    while "training" not in line:  # the tokenizer phase has begun
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_no_unasked_output_and_a_progress_line_without_a_terminal(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "PLAIN_EVERY", 0)  # a line at every log step (20 s apart in a real job)
+    argv = ["--data", toy_corpus(tmp_path / "corpus"), "--out-dir", str(tmp_path / "o"),
+            *[a for a in TINY_ARGS if a not in ("--warmup-steps", "5")], "--max-steps", "3", "--eval-every", "3"]
+    assert train.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "warning" not in err  # the default warmup (100) covers this 3-step run: nobody asked for it
+    assert "step 1/3 | loss=" in out and "step 3/3 | " in out
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = 0o666 & ~umask
+    for name in ("tokenizer.json", "train_tokens.npz", "val_tokens.npz", "ckpt.pt"):
+        assert (tmp_path / "o" / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_help_is_short_and_names_the_lab(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python train.py [flags]") and "python -m lab --help" in out
+    assert "(default: )" not in out and "Sec. 3" not in out and "{tiny,small,medium,base}" in out
+    with pytest.raises(SystemExit):
+        train.parse_args(["fine-tune"])
+    assert "python -m lab --help" in capsys.readouterr().err

@@ -270,7 +270,13 @@ def test_fill_prints_completions(tmp_path, capsys):
     assert "<mask> 1:" in printed and "<mask> 2:" in printed
     probs = [p for _, p in results[0][0]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
-    assert lab.main(["fill", "--init", str(out), "no mask here"]) == 2
+    # BERT's [MASK] is read as <mask>; a text breaks one rule or the other, and the message says which
+    assert fill(["--init", str(out), "--top-k", "3", "The [MASK] sees the <mask>."])[0] == results
+    capsys.readouterr()
+    for text, why in (("no mask here", "no blank in it; write each blank as <mask>"),
+                      ("<mask> " + "word " * 200, "tokens, more than the model's")):
+        assert lab.main(["fill", "--init", str(out), text]) == 2
+        assert why in capsys.readouterr().err
     assert lab.main(["fill", "--init", str(tmp_path / "nothing"), "a <mask>"]) == 2
 
 
@@ -300,7 +306,10 @@ def test_export_hf_with_tokenizer_pipeline_and_identical_ids(tmp_path):
     clf = transformers.pipeline("text-classification", model=str(tmp_path / "hf-ft"))("The old cat alpha")
     assert clf[0]["label"] in ("no", "yes")
     ft_model, _ = load_run(str(tmp_path / "ft"))
-    hf_clf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf-ft").eval()
+    hf_clf, info = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf-ft",
+                                                                                   output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"], info  # no LM head goes out with a classifier
+    hf_clf.eval()
     mask = torch.ones_like(ids)
     with torch.no_grad():
         assert torch.allclose(hf_clf(ids, attention_mask=mask).logits, ft_model.classify(ids, mask), atol=1e-5)
@@ -380,3 +389,48 @@ def test_lab_values_out_of_range_and_clashing_outputs_are_one_line_before_any_wo
         assert lab.main(args) == 2, args
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and needle in err and len(err.splitlines()) == 1, (args, err)
+
+
+def test_finetune_judges_its_input_first_and_says_where_its_output_went(tmp_path, monkeypatch, capsys):
+    task = toy_task(tmp_path / "t.csv", n=120)
+    ft = ["--data", task, "--out-dir", str(tmp_path / "ft"), *FT_ARGS, "--epochs", "1"]
+    monkeypatch.setattr(train, "PLAIN_EVERY", 0)
+    res, status = finetune(ft)
+    out = capsys.readouterr().out
+    assert status == 0 and f"| in {tmp_path / 'ft'}" in out and "step 1/" in out  # where it went; alive in a log
+    assert lab.main(["finetune", "--init", "outt", *ft[:4]]) == 2  # the mistyped input, not the taken output
+    err = capsys.readouterr().err
+    assert "--init outt: no such run or checkpoint directory" in err and err.count("\n") == 1
+    assert lab.main(["finetune", *ft]) == 2
+    assert "to fine-tune again, pass another --out-dir" in capsys.readouterr().err
+
+
+def test_compare_with_one_seed_shows_no_spread_and_says_what_it_pretrains(tmp_path, capsys):
+    corpus = toy_corpus(tmp_path / "corpus")
+    task = toy_task(tmp_path / "t.csv", n=120)
+    argv = ["--cells", "objective=mlm", "--seeds", "1", "--no-random", "--tasks", task, "--finetune",
+            "--max-len 32 --folds 0", "--out-dir", str(tmp_path / "cmp"), "--data", corpus, *TINY_ARGS,
+            "--samples", "0", "--max-steps", "2", "--eval-every", "2"]
+    rows, status = compare(argv)
+    assert status == 0 and "=== objective=mlm | seed 0 | pre-training" in capsys.readouterr().out
+    assert "+-" not in (tmp_path / "cmp" / "results.md").read_text().split("\n", 1)[1]  # one seed: no spread
+    with pytest.raises(SystemExit):
+        compare_args(["--help"])
+    assert "(default: 3)" in capsys.readouterr().out
+
+
+def test_ctrl_c_in_a_lab_command_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tasks, "load_task", interrupted)  # Ctrl-C while the task is read
+    assert lab.main(["finetune", "--out-dir", str(tmp_path / "ft")]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().startswith("stopped (Ctrl-C)") and len(err.strip().splitlines()) == 1
+
+
+def test_hf_tokenizer_says_nothing_of_long_texts(tmp_path, capfd):
+    pytest.importorskip("transformers")
+    tok = data.HFTokenizer(make_hf_mpnet(tmp_path / "hf"))
+    capfd.readouterr()
+    assert len(tok.encode("the cat sees the dog . " * 200)) > 512  # longer than the model: we truncate ourselves
+    assert "Token indices sequence length" not in capfd.readouterr().err
