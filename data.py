@@ -146,9 +146,9 @@ def load_documents(path: str | None, cache_dir=None) -> list[str]:
         skipped = sorted({f.suffix or f.name for f in p.rglob("*") if f.is_file() and f.suffix != ".txt"})
         if not files:
             raise DataError(f"{p}: directory has no .txt files; put UTF-8 .txt files in it (one document each)")
-        if skipped:  # (say it: rt-polarity.pos beside a README.txt would train on the README alone)
+        if skipped:  # say it (on stdout: rank 0's alone under torchrun): else .pos/.neg beside a README.txt go unseen
             print(f"note: {p}: read its {len(files)} .txt file(s) ({', '.join(f.name for f in files[:3])}), skipped "
-                  f"its other files ({' '.join(skipped)}); rename text files to .txt to train on them", file=sys.stderr)
+                  f"its other files ({' '.join(skipped)}); rename text files to .txt to train on them")
         docs = [t.strip() for t in map(_read_text, files) if t.strip()]
         if not docs:
             raise DataError(f"{p}: all {len(files)} .txt files are empty; add some text")

@@ -1869,7 +1869,7 @@ def test_a_directory_says_what_it_skipped_and_too_little_text_is_refused_before_
     (d / "rt-polarity.neg").write_text("a dull film .\n" * 200)
     assert train.main(["--data", str(d), "--out-dir", str(tmp_path / "o")]) == 2
     out, err = capsys.readouterr()
-    assert "note:" in err and "README.txt" in err and ".neg .pos" in err
+    assert "note:" in out and "README.txt" in out and ".neg .pos" in out
     assert "less than one block" in err and "BPE" not in out  # refused before a tokenizer is trained
 
 

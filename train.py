@@ -195,7 +195,7 @@ def pick_dtype(name, device):
     """auto: bf16 autocast where the hardware has bf16 matmuls; fp16 with loss scaling on older GPUs; else fp32."""
     if name == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float16 if device == "cuda" else torch.float32
-    if name == "float16" and device != "cuda":
+    if name == "float16" and device != "cuda" and world()[0] == 0:  # (rank 0 speaks for the run)
         print(f"warning: --dtype float16 on {device}: made for CUDA, slow or unsupported here", file=sys.stderr)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
