@@ -496,8 +496,8 @@ def export_hf(model, tok, out_dir, labels=None):
     labels of a fine-tuned run, pipeline("text-classification"))."""
     model.to_hf(out_dir, labels)
     tok.to_hf(out_dir, model.cfg.max_len)
-    for name in os.listdir(out_dir):  # safetensors writes 0600: every file as the user's umask says
-        os.chmod(os.path.join(out_dir, name), _file_mode())
+    if os.path.exists(weights := os.path.join(out_dir, "model.safetensors")):  # safetensors writes 0600 (the rest
+        os.chmod(weights, _file_mode())  # follows the umask already); other files in out_dir stay as they were
     print(f"wrote {out_dir}: transformers.AutoModelFor{'SequenceClassification' if labels else 'MaskedLM'}"
           f".from_pretrained({out_dir!r}) and AutoTokenizer.from_pretrained({out_dir!r}) load it")
 

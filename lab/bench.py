@@ -179,7 +179,7 @@ def bench(argv=None):
         raise ValueError(f"--rows {args.rows}: unknown {sorted(only - set(BENCH_ROWS))}; choose from "
                          f"{','.join(BENCH_ROWS)}")
     train.check_ranges(args, {"steps": train.AT_LEAST_1})
-    if "--out-dir" not in pretrain:  # the tokenizer and the token caches; nothing is trained
+    if "out_dir" not in train.parse_args(pretrain)[0]:  # the tokenizer and the token caches; nothing is trained
         pretrain = pretrain + ["--out-dir", "out-bench"]
     tc, cfg, _, device, train_b, *_ = train.setup(pretrain)
     benchmark(tc, cfg, device, train_b, only, args.steps)
