@@ -13,11 +13,11 @@ import train
 from lab import ShowDefaults
 
 
-def load_run(out_dir, device="cpu"):
+def load_run(out_dir, device="cpu", ckpt=None):
     """(model in eval mode, tokenizer) of a pre-training or fine-tuning --out-dir: the one call that uses a run.
         model, tok = load_run("out")
         logits = model(torch.tensor([[tok.bos_id] + tok.encode("the <mask> sat", specials=True) + [tok.eos_id]]))"""
-    ckpt = data.read_run(out_dir)
+    ckpt = ckpt or data.read_run(out_dir)  # (a caller that has read it already passes it)
     model = mpnext.MPNext(mpnext.MPNextConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), data.load_tokenizer(out_dir)
@@ -32,8 +32,9 @@ def export(argv=None):
     p.add_argument("out", help="the directory to write")
     args = p.parse_args(argv)
     data.check_export_dir(args.init, args.out)
-    model, tok = load_run(args.init)
-    data.export_hf(model, tok, args.out, data.read_run(args.init).get("labels"))
+    ckpt = data.read_run(args.init)  # once: the weights and a fine-tuned run's label names
+    model, tok = load_run(args.init, ckpt=ckpt)
+    data.export_hf(model, tok, args.out, ckpt.get("labels"))
     return None, 0
 
 
