@@ -1,8 +1,7 @@
 """
-Data for MPNext, offline: corpora (by default the running Python's standard-library docstrings, ~1.6 MB of English
-prose; or Tiny Shakespeare, or your UTF-8 .txt files), a byte-level BPE tokenizer (Sennrich et al. 2016, GPT-2
-flavour; trained in seconds, lossless), runs on disk (checkpoints in and out), and pre-training batches: blocks of
-[<s>] + (T-1) tokens with the "starts a word" flags that whole-word masking needs.
+Data for MPNext, offline: corpora (the running Python's standard-library docstrings, ~1.6 MB of English prose; Tiny
+Shakespeare; your UTF-8 .txt files), a byte-level BPE tokenizer (Sennrich et al. 2016, GPT-2 flavour; trained in
+seconds, lossless), runs on disk, and batches: [<s>] + (T-1) tokens with the word-start flags whole-word masking needs.
 
     >>> tok = Tokenizer.train(docs := load_documents(None), vocab_size=8192)   # the stdlib docstrings
     >>> x, is_word_start = Batches(encode_documents(docs, tok), tok, 128, 32).sample(torch.Generator())
@@ -13,7 +12,6 @@ import dataclasses
 import functools
 import hashlib
 import heapq
-import io
 import json
 import os
 import random
@@ -49,8 +47,7 @@ def _file_mode():
 
 
 def _atomic_write(path, data):
-    """bytes, or a function that writes to a file: a temp file next to the target, then a rename, so that a crash
-    never leaves a half-written file behind."""
+    """bytes, or a function writing to a file object, into a temp file then renamed: a crash leaves no half file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
@@ -127,17 +124,16 @@ def load_documents(path: str | None, cache_dir=None) -> list[str]:
     groups of ~2000 chars; a directory -> one document per *.txt file (recursive, sorted)."""
     if path is None:
         return default_corpus(cache_dir)
-    if path == "shakespeare" and not Path(path).exists():
-        file = _cache_dir(cache_dir) / "tinyshakespeare.txt"
-        if not file.exists():
+    p = Path(path)
+    if path == "shakespeare" and not p.exists():
+        p = _cache_dir(cache_dir) / "tinyshakespeare.txt"
+        if not p.exists():
             try:
                 with urllib.request.urlopen(SHAKESPEARE_URL, timeout=10) as r:
-                    _atomic_write(file, r.read())
+                    _atomic_write(p, r.read())
             except OSError as e:
-                raise DataError(f"{file}: could not download Tiny Shakespeare ({e}); download {SHAKESPEARE_URL} "
+                raise DataError(f"{p}: could not download Tiny Shakespeare ({e}); download {SHAKESPEARE_URL} "
                                 f"to that path, or pass --data FILE") from None
-        return _split_paragraphs(_read_text(file))
-    p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or directory; pass a UTF-8 .txt file, a directory of .txt files, "
                         f"'shakespeare', or no --data for the built-in corpus")
@@ -150,12 +146,10 @@ def load_documents(path: str | None, cache_dir=None) -> list[str]:
             print(f"note: {p}: read its {len(files)} .txt file(s) ({', '.join(f.name for f in files[:3])}), skipped "
                   f"its other files ({' '.join(skipped)}); rename text files to .txt to train on them")
         docs = [t.strip() for t in map(_read_text, files) if t.strip()]
-        if not docs:
-            raise DataError(f"{p}: all {len(files)} .txt files are empty; add some text")
-        return docs
-    docs = _split_paragraphs(_read_text(p))
+    else:
+        docs = _split_paragraphs(_read_text(p))
     if not docs:
-        raise DataError(f"{p}: file is empty (or only whitespace); pass a file with some text")
+        raise DataError(f"{p}: empty (or only whitespace); pass some text")
     return docs
 
 
@@ -211,8 +205,7 @@ class Tokenizer:
 
     def __init__(self, merges=()):
         self.merges = [tuple(m) for m in merges]
-        self.n_special = len(SPECIAL_TOKENS)
-        self.special_ids = tuple(range(self.n_special))
+        self.n_special, self.special_ids = len(SPECIAL_TOKENS), tuple(range(len(SPECIAL_TOKENS)))
         self.bos_id, self.pad_id, self.eos_id, self.unk_id, self.mask_id = self.special_ids
         self.vocab = [s.encode() for s in SPECIAL_TOKENS] + [bytes([b]) for b in range(256)]
         self.ranks = {}  # (a, b) -> merged id; lower id = learned earlier = applied first
@@ -231,9 +224,9 @@ class Tokenizer:
     @classmethod
     def train(cls, text_or_docs, vocab_size=8192) -> "Tokenizer":
         """Learn up to vocab_size - 261 merges (fewer if a tiny text runs out of pairs, so read tok.vocab_size after).
-        Each step merges the most frequent adjacent pair; ties go to the smallest (id_a, id_b), so training is
-        deterministic. On "aaabdaaabac" (a=102, b=103, ...):
-        aa (4x) -> 261, then ab (2x, beats 261+a by id order) -> 262, then 261+262 -> 263, giving "XdXac"."""
+        Each step merges the most frequent adjacent pair, ties to the smallest (id_a, id_b): deterministic. On
+        "aaabdaaabac" (a=102, b=103, ...): aa (4x) -> 261, then ab (2x, beats 261+a by id order) -> 262, then
+        261+262 -> 263, giving "XdXac"."""
         tok = cls()
         n_merges = vocab_size - tok.vocab_size
         if n_merges < 0:
@@ -292,8 +285,7 @@ class Tokenizer:
 
     def encode(self, text: str, specials=False) -> list[int]:
         """Text -> ids; "<mask>" in text is just bytes, unless specials=True: then the names of SPECIAL_TOKENS become
-        their ids, and "<mask>" takes the space before it, as RoBERTa's does ("the <mask> sat" hides one token " cat").
-        Encoding is mostly a regex pass and cache lookups."""
+        their ids, and "<mask>" takes the space before it, as in RoBERTa ("the <mask> sat" hides one token " cat")."""
         if specials:
             parts = re.split("( ?<mask>|" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")", text)
             return [i for k, p in enumerate(parts) for i in
@@ -318,9 +310,8 @@ class Tokenizer:
         _atomic_write(path, json.dumps(obj).encode())
 
     def to_hf(self, out_dir, max_len=512):
-        """This tokenizer in plain JSON files of the Hugging Face `tokenizers` format, so that AutoTokenizer encodes as
-        encode(specials=True) does, with <s> ... </s> around a text and RoBERTa's pair format; the byte tokens are
-        written in GPT-2's printable byte alphabet, as byte-level BPEs in that format are."""
+        """This tokenizer as Hugging Face `tokenizers` JSON: AutoTokenizer encodes as encode(specials=True), <s>...</s>
+        around a text and RoBERTa's pair format; bytes in GPT-2's printable alphabet, as byte-level BPEs there are."""
         printable = [b for b in range(256) if chr(b).isprintable() and not chr(b).isspace() and b != 173]
         byte_char = {b: chr(b) for b in printable}  # GPT-2's bytes_to_unicode: the rest go to 256, 257, ...
         byte_char.update({b: chr(256 + k) for k, b in enumerate(b for b in range(256) if b not in byte_char)})
@@ -369,15 +360,13 @@ class HFTokenizer:
         try:
             from transformers import AutoTokenizer
         except ImportError:
-            raise DataError(f"{name_or_path}: reading a Hugging Face checkpoint needs `transformers`; "
-                            f"pip install transformers") from None
+            raise DataError(f"{name_or_path}: a Hugging Face checkpoint needs: pip install transformers") from None
         try:
-            self.hf = AutoTokenizer.from_pretrained(name_or_path, local_files_only=offline)
+            self.hf = h = AutoTokenizer.from_pretrained(name_or_path, local_files_only=offline)
         except Exception as e:  # no tokenizer files; with offline, a hub name not in the local cache
             where = "in the local Hugging Face cache, and the hub is unreachable" if offline else "there"
             raise DataError(f"{name_or_path}: no Hugging Face tokenizer {where} ({type(e).__name__}); pass an MPNet "
                             f"checkpoint directory") from None
-        h = self.hf
         self.bos_id, self.pad_id, self.eos_id, self.unk_id, self.mask_id = ids = (
             h.bos_token_id, h.pad_token_id, h.eos_token_id, h.unk_token_id, h.mask_token_id)
         if None in ids:
@@ -387,6 +376,15 @@ class HFTokenizer:
         self.word_start = np.array([not p.startswith("##") for p in pieces])
         self.breaks_after = np.isin(np.arange(self.vocab_size), self.special_ids)
         self.fingerprint = hashlib.sha256(json.dumps(pieces).encode()).hexdigest()[:16]
+        # a sentence-transformers checkpoint's layout (modules.json, its pooling) travels with the tokenizer into runs
+        # and exports, so that SentenceTransformer(export) pools as the original did
+        from transformers.utils import cached_file
+        find = functools.partial(cached_file, name_or_path, local_files_only=offline,
+                                 _raise_exceptions_for_missing_entries=False)  # a path, or None
+        modules = json.loads(Path(find(filename="modules.json")).read_text()) if find(filename="modules.json") else []
+        names = ["modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"] + [
+            m["path"] + "/config.json" for m in modules if m.get("path")]
+        self.st_files = {n: Path(f).read_text() for n in names if modules and (f := find(filename=n))}
 
     def encode(self, text: str, specials=False) -> list[int]:
         return self.hf(text, add_special_tokens=False, split_special_tokens=not specials, verbose=False)["input_ids"]
@@ -395,10 +393,12 @@ class HFTokenizer:
         return self.hf.decode(ids.tolist() if hasattr(ids, "tolist") else ids)
 
     def save(self, out_dir):
-        self.hf.save_pretrained(os.path.join(out_dir, "hf_tokenizer"))
+        self.to_hf(os.path.join(out_dir, "hf_tokenizer"))
 
     def to_hf(self, out_dir, max_len=None):
         self.hf.save_pretrained(out_dir)  # the checkpoint's own files
+        for name, text in self.st_files.items():
+            _atomic_write(os.path.join(out_dir, name), text.encode())
 
 
 def load_tokenizer(run_dir):
@@ -464,16 +464,20 @@ def read_init(path):
         return mpnext.MPNextConfig(**{**ckpt["model_config"], "n_classes": 0}), ckpt["model"], load_tokenizer(path)
     tok = HFTokenizer(path, offline)
     try:
-        from transformers import MPNetForMaskedLM
-        model = mpnext.MPNext.from_hf(MPNetForMaskedLM.from_pretrained(path, local_files_only=offline),
-                                      mask_id=tok.mask_id)
+        import transformers
+        transformers.logging.set_verbosity_error(), transformers.logging.disable_progress_bar()  # no load report
+        hf, info = transformers.MPNetForMaskedLM.from_pretrained(path, local_files_only=offline,
+                                                                 output_loading_info=True)
+        model = mpnext.MPNext.from_hf(hf, mask_id=tok.mask_id)
     except Exception as e:
         raise DataError(f"--init {path}: not an MPNet checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
                         ) from None
     if model.cfg.vocab_size != tok.vocab_size or model.cfg.pad_id != tok.pad_id:
         raise DataError(f"--init {path}: its tokenizer ({tok.vocab_size} tokens, pad {tok.pad_id}) does not fit its "
                         f"model ({model.cfg.vocab_size}, pad {model.cfg.pad_id})")
-    return dataclasses.replace(model.cfg, special_ids=tok.special_ids), model.state_dict(), tok
+    fresh = "lm_head.dense.weight" in info["missing_keys"]  # a sentence encoder: HF's random LM head goes, ours is
+    state = {k: v for k, v in model.state_dict().items() if not (fresh and k.startswith("head_"))}  # seeded
+    return dataclasses.replace(model.cfg, special_ids=tok.special_ids), state, tok
 
 
 def open_log(out_dir, step, rank=0):
@@ -522,9 +526,7 @@ def encode_documents(docs, tok, cache_path=None) -> np.ndarray:
     ids = [i for d in docs for i in tok.encode(d) + [tok.eos_id]]
     stream = np.array(ids, dtype=np.uint16 if tok.vocab_size <= 65536 else np.int32)
     if cache_path is not None:
-        buf = io.BytesIO()
-        np.savez(buf, ids=stream, fingerprint=np.array(fingerprint))
-        _atomic_write(cache_path, buf.getvalue())
+        _atomic_write(cache_path, lambda f: np.savez(f, ids=stream, fingerprint=np.array(fingerprint)))
     return stream
 
 
@@ -541,8 +543,6 @@ class Batches:
     """Blocks of seq_len tokens: [<s>] + (seq_len - 1) consecutive stream tokens, plus their word-start flags."""
 
     def __init__(self, stream: np.ndarray, tok, seq_len: int, batch_size: int, name="train"):
-        if seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2 (one <s> plus text), got {seq_len}")
         if len(stream) < seq_len:
             raise DataError(f"{name} corpus of {len(stream)} tokens is shorter than one block of seq_len={seq_len}; "
                             f"use a smaller --seq-len or more text")

@@ -1,14 +1,16 @@
 """
-Side-by-side timings: python -m lab bench [--rows hf,mlm,mpnet] [pre-training flags: --preset, --seq-len, --device ...]
+Side-by-side timings: python -m lab bench [--rows hf,mlm,mpnet,forward] [pre-training flags: --preset, --init ...]
 
 The tokenizer on the corpus, then a full training step (forward, backward, AdamW) of each objective and head on the
-same batch, beside Hugging Face's MPNetForMaskedLM when installed, in each precision the device runs natively, each
-as a share of the matmul peak measured in turns with it. Results and their machines: lab/README.md, "Speed".
+same batch, beside Hugging Face's MPNetForMaskedLM when installed, then the encoder's forward on a task's sentences
+(the lab's inference) beside transformers' MPNetModel with the same weights; in each precision the device runs
+natively, each as a share of the matmul peak measured in turns with it. Results: lab/README.md, "Speed".
 """
 
 import dataclasses
 import math
 import platform
+import tempfile
 import time
 
 import torch
@@ -17,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import mpnext
 import train
-from lab import ShowDefaults
+from lab import ShowDefaults, infer, tasks
 
 
 def device_name(device):
@@ -57,7 +59,14 @@ def matmul_peak(device, dtype, sync):
 BENCH_VARIANTS = [dict(objective="mlm"), dict(objective="plm"), dict(objective="mpnet"),
                   dict(objective="mlm", rtd=True),
                   dict(objective="mpnet", rtd=True), dict(objective="mpnet", masking="span", sbo=True)]
-BENCH_ROWS = ["hf", "mlm", "plm", "mpnet", "mlm+rtd", "mpnet+rtd", "mpnet+span+sbo"]  # --rows names
+BENCH_ROWS = ["hf", "mlm", "plm", "mpnet", "mlm+rtd", "mpnet+rtd", "mpnet+span+sbo", "forward"]  # --rows names
+
+
+def bench_dtypes(tc, device):
+    """An explicit --dtype: that precision alone; else float32 and bf16 where native."""
+    if tc.dtype != "auto":
+        return [train.pick_dtype(tc.dtype, device)]
+    return [torch.float32] + ([torch.bfloat16] if train.native_bf16(device) else [])
 
 
 def benchmark(tc, cfg, device, train_b, only=None, steps=10):
@@ -118,10 +127,7 @@ def benchmark(tc, cfg, device, train_b, only=None, steps=10):
     plain = dict(masking="token", rtd=False, sbo=False)
     variants = [dataclasses.replace(cfg, **{**plain, **v}) for v in BENCH_VARIANTS]
     variants = [v for v in variants if only is None or mpnext.recipe(v) in only]
-    if tc.dtype != "auto":  # an explicit --dtype: that precision alone
-        dtypes = [train.pick_dtype(tc.dtype, device)]
-    else:
-        dtypes = [torch.float32] + ([torch.bfloat16] if train.native_bf16(device) else [])
+    dtypes = bench_dtypes(tc, device)
     print(f"training step | {device_name(device)} ({device}) | batch {ids.shape[0]} x {ids.shape[1]} tokens | "
           f"fastest of {steps} steps{' | torch.compile' if tc.compile else ''} | model FLOPs = 3 x forward matmul "
           f"FLOPs")
@@ -166,6 +172,54 @@ def benchmark(tc, cfg, device, train_b, only=None, steps=10):
             print(f"  {row:<26} " + " | ".join(cells))
 
 
+def forward_rows(model, tok, device, dtypes, task, steps, n=512):
+    """Encoder forward (no gradient) on n sentences of a task, real tokens/s: MPNext and transformers' MPNetModel
+    with the same weights, each on batches of 32 in text order (the lab's inference before length grouping) and on
+    length-grouped batches (infer.length_batches), in each precision; the mean pooling of the probe included."""
+    texts = tasks.load_task(task).splits
+    texts = [t for s in tasks.SPLITS for t in texts[s][0]]
+    texts = [texts[i] for i in torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))[:n].tolist()]
+    rows = tasks.encode_examples(texts, tok, min(128, model.cfg.max_len))
+    n_tok = sum(map(len, rows))
+    try:
+        import transformers
+        with tempfile.TemporaryDirectory() as d:
+            model.to_hf(d)
+            hf = transformers.MPNetModel.from_pretrained(d).eval()
+    except ImportError:
+        hf = None
+        print("  transformers is not installed: no HF reference row")
+    encoders = {"MPNext encode": lambda ids, m: mpnext.pool(model.encode(ids, m), m, "mean")}
+    if hf is not None:
+        encoders["HF MPNetModel"] = lambda ids, m: mpnext.pool(hf(input_ids=ids, attention_mask=m)[0], m, "mean")
+    in_order = [list(range(i, min(i + 32, len(rows)))) for i in range(0, len(rows), 32)]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    print(f"encoder forward | {device_name(device)} ({device}) | {len(rows)} sentences of {task or 'the stdlib task'}, "
+          f"{n_tok} tokens | fastest of {steps} passes | real tokens/s (padding not counted)")
+    results = []
+    for dtype in dtypes:
+        autocast, peak = train.autocast_for(device, dtype), matmul_peak(device, dtype, sync)
+        for (name, fn), (how, batches) in ((e, b) for b in (("in order", in_order), ("grouped", None))
+                                           for e in reversed(encoders.items())):
+            batches = batches or infer.length_batches([len(r) for r in rows])
+
+            @torch.no_grad()
+            def run():
+                for idx in batches:
+                    with autocast:
+                        fn(*infer.padded(rows, idx, tok.pad_id, device))
+            with FlopCounterMode(display=False) as counter:
+                run()
+            seconds, peak_seconds = fastest(steps, sync, run, peak[0])
+            padding = 1 - n_tok / sum(len(idx) * max(len(rows[i]) for i in idx) for idx in batches)
+            results.append((f"{str(dtype).split('.')[-1]:<9} {name:<14} {how:<9}", seconds, [
+                f"{n_tok / seconds / 1e3:6.1f}k tok/s", f"padding {padding:4.0%}",
+                f"{counter.get_total_flops() / seconds / (peak[1] / peak_seconds):4.0%} of peak"]))
+    ref = next((sec for row, sec, _ in results if row.split() == ["float32", "HF", "MPNetModel", "grouped"]), None)
+    for row, seconds, cells in results:
+        print(f"  {row}" + " | ".join(cells + ([f"{ref / seconds:.2f}x HF float32 grouped"] if ref else [])))
+
+
 def bench(argv=None):
     p = train.OneLineParser(prog="python -m lab bench", formatter_class=ShowDefaults,
                             description="Time one training step of each objective and "
@@ -173,6 +227,8 @@ def bench(argv=None):
                             "sets the model, the batch, the corpus and the device.")
     p.add_argument("--rows", default="", help=f"comma-separated rows to time, of {','.join(BENCH_ROWS)}; default all")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row; the fastest counts")
+    p.add_argument("--task", default="", help="the forward row's sentences: a task path (as finetune --data); "
+                   "default the stdlib task")
     args, pretrain = p.parse_known_args(argv)
     only = set(args.rows.split(",")) if args.rows else None
     if only and not only <= set(BENCH_ROWS):
@@ -181,6 +237,11 @@ def bench(argv=None):
     train.check_ranges(args, {"steps": train.AT_LEAST_1})
     if "out_dir" not in train.parse_args(pretrain)[0]:  # the tokenizer and the token caches; nothing is trained
         pretrain = pretrain + ["--out-dir", "out-bench"]
-    tc, cfg, _, device, train_b, *_ = train.setup(pretrain)
-    benchmark(tc, cfg, device, train_b, only, args.steps)
+    tc, cfg, tok, device, train_b, _, _, init_state = train.setup(pretrain)
+    if only is None or only - {"forward"}:
+        benchmark(tc, cfg, device, train_b, only, args.steps)
+    if only is None or "forward" in only:
+        model = mpnext.MPNext(cfg)
+        model.load_state_dict(init_state or {}, strict=False)  # --init's weights; else a random model of the preset
+        forward_rows(model.to(device).eval(), tok, device, bench_dtypes(tc, device), args.task or None, args.steps)
     return None, 0

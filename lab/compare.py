@@ -2,7 +2,8 @@
 The combination lab: python -m lab compare --cells "A | B" --grid "flag=v1,v2" --seeds 3 --tasks T1,T2
 
 Pre-trains every cell of a grid on the same budget (steps, tokens or minutes), then probes and/or fine-tunes each on
-a list of tasks over several seeds, beside a random-init row; writes results.csv, results.md and compare.png.
+a list of tasks over several seeds, beside a random-init row (with --init: the checkpoint as it is, no further
+pre-training: task-adaptive pre-training, arXiv 2004.10964); writes results.csv, results.md and compare.png.
 Resumable: each cell's runs live in OUT/runs/, and a rerun skips the rows results.csv holds.
 """
 
@@ -44,7 +45,8 @@ def compare_args(argv):
                    "examples), full (fine-tune on all)")
     p.add_argument("--low-size", type=int, default=1000, help="training examples of the low protocol")
     p.add_argument("--finetune", default="", help='extra flags for every fine-tuning run, e.g. "--epochs 3"')
-    p.add_argument("--no-random", action="store_true", help="leave out the random-init row")
+    p.add_argument("--no-random", action="store_true", help="leave out the random-init row (with --init: the row of "
+                   "the checkpoint as it is)")
     p.add_argument("--tokens", type=float, default=0, help="budget in place of --max-steps: pre-training tokens per "
                    "cell (its steps = tokens / (batch x seq-len)), for grids over --batch-size or --seq-len")
     p.add_argument("--minutes", type=float, default=0, help="budget in place of --max-steps: minutes of training "
@@ -144,7 +146,8 @@ def compare(argv=None):
     if os.path.exists(csv_path):
         done = {(r["cell"], r["seed"], r["task"], r["protocol"]): r for r in csv.DictReader(open(csv_path))}
     rows = list(done.values())
-    cells = grid + ([] if args.no_random else [("random init", None)])
+    init = pretrain_value(pretrain, "init")  # the baseline row: with --init, the checkpoint without more pre-training
+    cells = grid + ([] if args.no_random else [("no adaptation" if init else "random init", None)])
 
     def run_dir_of(cell, seed):
         return os.path.join(args.out_dir, "runs", f"{slug(cell)}-s{seed}")
@@ -164,7 +167,8 @@ def compare(argv=None):
         ft += [f"--{k}={pretrain_value(pretrain, k)}" for k in ("device", "dtype")] + ["--compile"] * bool(
             pretrain_value(pretrain, "compile"))  # fine-tuning runs where and as pre-training does
         # random init: the first cell's architecture and tokenizer, fresh weights: only pre-training differs
-        ft += ["--init", run_dir] if extra is not None else ["--init", run_dir_of(cells[0][0], seed), "--random-init"]
+        ft += ["--init", run_dir] if extra is not None else ["--init", init] if init else [
+            "--init", run_dir_of(cells[0][0], seed), "--random-init"]
         ft += {"probe": ["--probe"], "low": ["--train-size", str(args.low_size)], "full": []}[protocol]
         print(f"\n=== {cell} | seed {seed} | {task} | {protocol}", flush=True)
         res, status = finetune(ft + shlex.split(args.finetune))
@@ -255,9 +259,9 @@ def mean_pm(xs):  # "mean +- std" over seeds; one seed has no spread to show
 def compare_table(rows, cells, tasks, protocols, pretrain, budget, minutes):
     """Markdown: one row per cell, test accuracy (%) mean +- std over seeds per task and protocol, their average."""
     cols = [(t, p) for t, _ in tasks for p in protocols]
-    device = train.pick_device(pretrain_value(pretrain, "device"))
-    lines = [f"Budget: {budget}, "
-             f"preset {pretrain_value(pretrain, 'preset')}, data {pretrain_value(pretrain, 'data') or 'stdlib'}; "
+    device, init = train.pick_device(pretrain_value(pretrain, "device")), pretrain_value(pretrain, "init")
+    model = f"init {init}" if init else f"preset {pretrain_value(pretrain, 'preset')}"
+    lines = [f"Budget: {budget}, {model}, data {pretrain_value(pretrain, 'data') or 'stdlib'}; "
              f"{device_name(device)}; this call {minutes:.1f} min. Test accuracy (%), mean +- std over seeds.", "",
              "| cell | " + " | ".join(f"{task_name(t)} {p}" for t, p in cols) +
              " | average | val_mlm_loss | pre-train min |", "|---" * (len(cols) + 4) + "|"]

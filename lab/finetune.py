@@ -20,7 +20,7 @@ from tqdm import tqdm
 import data
 import mpnext
 import train
-from lab import probe, tasks
+from lab import infer, probe, tasks
 
 
 @dataclass
@@ -36,6 +36,7 @@ class FinetuneConfig:
     probe: bool = False  # frozen encoder, mean-pooled features, logistic regression picked on dev (SentEval)
     folds: int = 10  # --probe on a task given as one pool (MR, SUBJ): K-fold cross-validation, as SentEval; 0 = split
     pooling: str = "first"  # classifier input: the <s> row (MPNet) or the mean over tokens
+    cache: bool = True  # --probe: reuse the features these weights gave these texts before (~/.cache/mpnext/features)
     epochs: int = 10  # at most this many passes over the training set
     patience: int = 3  # early stopping: epochs without a better validation accuracy
     batch_size: int = 32  # examples per step
@@ -106,7 +107,7 @@ def finetune_setup(argv):
             missing, _ = model.load_state_dict(state, strict=False)  # unexpected keys: the pre-training heads
         except RuntimeError as e:
             raise ValueError(f"--init {fc.init}: weights do not fit the model ({str(e).splitlines()[-1].strip()})")
-        if any(not k.startswith("classifier.") for k in missing):
+        if any(not k.startswith(("classifier.", "head_")) for k in missing):  # (a sentence encoder has no LM head)
             raise ValueError(f"--init {fc.init}: the checkpoint lacks encoder weights {missing[:3]}")
     os.makedirs(fc.out_dir, exist_ok=True)
     tok.save(fc.out_dir)
@@ -130,40 +131,25 @@ def finetune(argv=None):
     folds = fc.folds if fc.probe and task.pooled and not fc.train_size else 0  # a given split is kept as given
     protocol = f"probe, {folds}-fold CV" if folds else "probe" if fc.probe else "finetune"
     print(f"{task.name}: {len(task.labels)} classes | train {n['train']} dev {n['dev']} test {n['test']} | "
-          f"{protocol} | {source(fc)} | {device} {'float32' if fc.probe else str(dtype).split('.')[-1]}", flush=True)
+          f"{protocol} | {source(fc)} | {device} {str(dtype).split('.')[-1]}", flush=True)
 
-    def batches(split, order=None):
-        order = range(n[split]) if order is None else order
-        for i in range(0, n[split], fc.batch_size):
-            idx = list(order[i:i + fc.batch_size])
-            ids = tasks.pad_rows([rows[split][j] for j in idx], tok.pad_id)
-            yield train.to_device({"kind": "cls", "input_ids": ids, "attention_mask": (ids != tok.pad_id).long(),
-                                   "labels": labels[split][idx]}, device)
-
-    @torch.no_grad()
     def predict(split):
         model.eval()
-        out = []
-        for b in batches(split):
-            with autocast:
-                out.append(model.classify(b["input_ids"], b["attention_mask"]).float().argmax(-1).cpu())
+        pred = infer.run_batches(model.classify, rows[split], tok.pad_id, device, autocast).argmax(-1)
         model.train()
-        return torch.cat(out)
+        return pred
 
     t0, log, status = time.time(), open(os.path.join(fc.out_dir, "log.jsonl"), "w", buffering=1), 0
     if fc.probe:
-        model.eval()
-        feats = {}
-        with torch.no_grad():
-            for s in tasks.SPLITS:  # in fp32 whatever --dtype says: the features are computed once, cheaply
-                feats[s] = torch.cat([mpnext.pool(model.encode(b["input_ids"], b["attention_mask"]),
-                                                  b["attention_mask"], "mean").cpu() for b in batches(s)])
+        feats, seconds = infer.cached_features(model, rows, device, dtype, fc.cache)
+        t_fit = time.time()
         if folds:  # all examples, each scored once
             res = probe.probe_cv(torch.cat(list(feats.values())), torch.cat(list(labels.values())),
                                  len(task.labels), folds, fc.split_seed)
         else:
             res = probe.probe(feats, labels, len(task.labels))
         res.pop("pred"), res.pop("fold", None)
+        res.update(features_s="cached" if seconds is None else round(seconds, 1), fit_s=round(time.time() - t_fit, 1))
     else:  # epochs with early stopping on dev accuracy; the best epoch's weights are saved and scored on test
         total = fc.epochs * math.ceil(n["train"] / fc.batch_size)
         optimizer = mpnext.build_optimizer(model, "adamw", lr=fc.lr, weight_decay=fc.weight_decay, betas=(0.9, 0.98),
@@ -172,11 +158,15 @@ def finetune(argv=None):
         update = train.Updater(model, optimizer, scaler, clip=1.0)
         loss_fn = torch.compile(model.loss) if fc.compile else model.loss
         gen = torch.Generator().manual_seed(fc.seed)
-        step, best, best_epoch, t_print = 0, -1.0, 0, time.time()
-        bar = tqdm(total=total, dynamic_ncols=True, disable=None)
+        step, best, best_epoch, t_print, t_train = 0, -1.0, 0, time.time(), time.time()
+        bar = tqdm(total=total, dynamic_ncols=True, disable=None)  # its estimate counts every epoch; early stopping
+        lengths = [len(r) for r in rows["train"]]  # may end sooner
         with train.GracefulStop() as stop:
             for epoch in range(1, fc.epochs + 1):
-                for batch in batches("train", torch.randperm(n["train"], generator=gen).tolist()):
+                for idx in infer.grouped_epoch(lengths, fc.batch_size, gen):
+                    ids, mask = infer.padded(rows["train"], idx, tok.pad_id, device)
+                    batch = {"kind": "cls", "input_ids": ids, "attention_mask": mask,
+                             "labels": labels["train"][idx].to(device)}
                     with autocast:
                         loss, metrics = loss_fn(batch)
                     scaler.scale(loss).backward()
@@ -186,7 +176,9 @@ def finetune(argv=None):
                     bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
                     if bar.disable and time.time() - t_print >= train.PLAIN_EVERY:  # no terminal: a plain line
                         t_print = time.time()
-                        print(f"step {step}/{total} | epoch {epoch} | loss {loss.item():.3f}", flush=True)
+                        left = (time.time() - t_train) / step * (total - step) / 60  # evaluations included
+                        print(f"step {step}/{total} | epoch {epoch} | loss {loss.item():.3f} | at most {left:.1f} "
+                              f"min left", flush=True)
                     if stop.signum is not None or update.gave_up:
                         break
                 dev_acc = (predict("dev") == labels["dev"]).float().mean().item()
@@ -218,6 +210,9 @@ def finetune(argv=None):
     res.update(task=task.name, protocol=protocol, n_train=n["train"], minutes=(time.time() - t0) / 60)
     log.write(json.dumps(res) + "\n")
     log.close()
+    split = f" (features {res['features_s']}{'' if res['features_s'] == 'cached' else ' s'}, regression " \
+        f"{res['fit_s']} s)" if fc.probe else ""
     print(f"summary | {task.name} | {res['protocol']} | {source(fc)} | test_acc {res['test_acc']:.4f} "
-          f"test_f1 {res['test_f1']:.4f} | dev_acc {res['dev_acc']:.4f} | {res['minutes']:.1f} min | in {fc.out_dir}")
+          f"test_f1 {res['test_f1']:.4f} | dev_acc {res['dev_acc']:.4f} | {res['minutes']:.1f} min{split} | in "
+          f"{fc.out_dir}")
     return res, status

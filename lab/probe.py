@@ -9,11 +9,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def logistic_regression(x, y, n_classes, l2, max_iter=200):
+def logistic_regression(x, y, n_classes, l2, max_iter=200, start=None):
     """Multinomial logistic regression by full-batch L-BFGS: min_W,b mean CE(x W^T + b, y) + l2/2 |W|^2 (no penalty
-    on b). x (n, d), y (n,). Deterministic: no sampling anywhere. Returns the fitted nn.Linear."""
+    on b). x (n, d), y (n,). Deterministic: no sampling anywhere. Returns the fitted nn.Linear. start: a fitted
+    nn.Linear to start from (a warm start: the answer of a nearby l2 is close), else zero."""
     lin = nn.Linear(x.shape[1], n_classes, dtype=x.dtype)
-    nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)  # convex problem: start at zero, same answer every time
+    nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)  # convex problem: one answer, whatever the start
+    if start is not None:
+        lin.load_state_dict(start.state_dict())
     opt = torch.optim.LBFGS(lin.parameters(), max_iter=max_iter, tolerance_grad=1e-8, tolerance_change=1e-12,
                             line_search_fn="strong_wolfe")
 
@@ -47,10 +50,11 @@ def probe(features, labels, n_classes, grid=PROBE_L2):
     training statistics, fits one classifier per L2 strength, keeps the best on dev (ties: the stronger penalty).
     Returns {"dev_acc", "test_acc", "test_f1", "l2", "pred": the test predictions}."""
     mu, sd = features["train"].mean(0), features["train"].std(0).clamp(min=1e-6)
-    x = {k: ((v - mu) / sd).double() for k, v in features.items()}
+    x = {k: ((v - mu) / sd).float() for k, v in features.items()}  # float64 takes twice as long for the same scores
     best = None
-    for l2 in sorted(grid, reverse=True):
-        lin = logistic_regression(x["train"], labels["train"], n_classes, l2)
+    lin = None
+    for l2 in sorted(grid, reverse=True):  # the regularisation path, each fit starting at the previous answer
+        lin = logistic_regression(x["train"], labels["train"], n_classes, l2, start=lin)
         with torch.no_grad():
             dev_acc = (lin(x["dev"]).argmax(-1) == labels["dev"]).double().mean().item()
         if best is None or dev_acc > best[0]:

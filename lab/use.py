@@ -45,10 +45,12 @@ def fill(argv=None):
     p.add_argument("--init", required=True, help="a run's --out-dir")
     p.add_argument("--top-k", type=int, default=5, help="completions per <mask> (at least 1)")
     p.add_argument("--device", default="cpu", choices=train.CHOICES["device"])
+    p.add_argument("--dtype", default="auto", choices=train.CHOICES["dtype"], help="auto: bf16 where native")
     p.add_argument("text", nargs="+", help='e.g. "The <mask> of the module."')
     args = p.parse_args(argv)
     train.check_ranges(args, {"top_k": train.AT_LEAST_1})
     device = train.pick_device(args.device)
+    autocast = train.autocast_for(device, train.pick_dtype(args.dtype, device))
     model, tok = load_run(args.init, device)
     lm = model.generator if mpnext.is_electra(model.cfg) else model  # classic ELECTRA: its generator fills in
     if model.cfg.n_classes:
@@ -62,7 +64,7 @@ def fill(argv=None):
             raise ValueError(f"{text!r}: no blank in it; write each blank as <mask> (one token each)")
         if len(ids) > model.cfg.max_len:
             raise ValueError(f"{text!r}: {len(ids)} tokens, more than the model's {model.cfg.max_len}; shorten it")
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             probs = lm(torch.tensor([ids], device=device)).float().softmax(-1)[0, where].cpu()  # (masks, V)
         top = probs.topk(min(args.top_k, probs.shape[-1]))
         results.append([[(tok.decode([j]), pr) for pr, j in zip(ps.tolist(), js.tolist())]
