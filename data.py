@@ -376,11 +376,11 @@ class HFTokenizer:
         self.word_start = np.array([not p.startswith("##") for p in pieces])
         self.breaks_after = np.isin(np.arange(self.vocab_size), self.special_ids)
         self.fingerprint = hashlib.sha256(json.dumps(pieces).encode()).hexdigest()[:16]
-        # a sentence-transformers checkpoint's layout (modules.json, its pooling) travels with the tokenizer into runs
-        # and exports, so that SentenceTransformer(export) pools as the original did
+        # a sentence-transformers layout (modules.json, pooling) goes with the tokenizer into every run and export
         from transformers.utils import cached_file
-        find = functools.partial(cached_file, name_or_path, local_files_only=offline,
-                                 _raise_exceptions_for_missing_entries=False)  # a path, or None
+        find = functools.partial(cached_file, name_or_path, local_files_only=offline,  # a path, or None
+                                 **dict.fromkeys(("_raise_exceptions_for_missing_entries",
+                                                  "_raise_exceptions_for_connection_errors"), False))
         modules = json.loads(Path(find(filename="modules.json")).read_text()) if find(filename="modules.json") else []
         names = ["modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"] + [
             m["path"] + "/config.json" for m in modules if m.get("path")]

@@ -172,10 +172,11 @@ def benchmark(tc, cfg, device, train_b, only=None, steps=10):
             print(f"  {row:<26} " + " | ".join(cells))
 
 
-def forward_rows(model, tok, device, dtypes, task, steps, n=512):
+def forward_rows(model, tok, device, dtypes, task, steps, n=256):
     """Encoder forward (no gradient) on n sentences of a task, real tokens/s: MPNext and transformers' MPNetModel
     with the same weights, each on batches of 32 in text order (the lab's inference before length grouping) and on
-    length-grouped batches (infer.length_batches), in each precision; the mean pooling of the probe included."""
+    length-grouped batches (infer.length_batches), in each precision; the mean pooling of the probe included. (A
+    whole task, grouped, pads less: n sentences fill few batches, each spanning more lengths.)"""
     texts = tasks.load_task(task).splits
     texts = [t for s in tasks.SPLITS for t in texts[s][0]]
     texts = [texts[i] for i in torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))[:n].tolist()]

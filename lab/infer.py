@@ -54,8 +54,8 @@ def padded(rows, idx, pad_id, device):
 @torch.no_grad()
 def run_batches(fn, rows, pad_id, device, autocast, desc=None):
     """fn(input_ids, attention_mask) -> (B, ...) over length-grouped batches of rows, float32 on the CPU, in the order
-    of rows. desc: a progress bar (counting tokens) under that name."""
-    out, batches = [None] * len(rows), length_batches([len(r) for r in rows])
+    of rows. desc: a progress bar (counting tokens) under that name; without a terminal, a line every 20 s."""
+    out, batches, t_print, done = [None] * len(rows), length_batches([len(r) for r in rows]), time.time(), 0
     bar = tqdm(total=sum(map(len, rows)), desc=desc, unit="tok", unit_scale=True, disable=None if desc else True,
                leave=False)
     for idx in batches:
@@ -64,6 +64,10 @@ def run_batches(fn, rows, pad_id, device, autocast, desc=None):
         for i, row in zip(idx, y):
             out[i] = row
         bar.update(sum(len(rows[i]) for i in idx))
+        done += len(idx)
+        if desc and bar.disable and time.time() - t_print >= train.PLAIN_EVERY:
+            t_print = time.time()
+            print(f"{desc}: {done}/{len(rows)} examples", flush=True)
     bar.close()
     return torch.stack(out)
 

@@ -331,7 +331,8 @@ def test_finetune_takes_an_hf_mpnet_checkpoint(tmp_path):
 
 
 def test_bench_reports_side_by_side(tmp_path, capsys):
-    argv = ["bench", "--data", toy_corpus(tmp_path / "corpus"), *TINY_ARGS, "--out-dir", str(tmp_path / "b")]
+    argv = ["bench", "--data", toy_corpus(tmp_path / "corpus"), *TINY_ARGS, "--out-dir", str(tmp_path / "b"),
+            "--steps", "2"]
     assert lab.main(argv) == 0
     assert (tmp_path / "b" / "tokenizer.json").exists() and not (tmp_path / "b" / "ckpt.pt").exists()
     out = capsys.readouterr().out
@@ -346,7 +347,10 @@ def test_bench_reports_side_by_side(tmp_path, capsys):
     except ImportError:
         assert "no HF reference row" in out
     assert "x MLM's time" in next(line for line in out.splitlines() if "MPNext mpnet " in line)
-    assert lab.main([*argv, "--rows", "mpnet", "--dtype", "float32", "--steps", "2"]) == 0  # one row, one precision
+    forward = [line for line in out.splitlines() if "MPNext encode" in line]  # inference: in order and grouped
+    assert "encoder forward |" in out and len(forward) == 2 * (1 + train.native_bf16("cpu"))
+    assert all("tok/s" in line and "padding" in line and "of peak" in line for line in forward)
+    assert lab.main([*argv, "--rows", "mpnet", "--dtype", "float32"]) == 0  # one row, one precision
     rows = [line for line in capsys.readouterr().out.splitlines() if "ms/step" in line]
     assert len(rows) == 1 and "MPNext mpnet " in rows[0]
 
