@@ -381,7 +381,7 @@ class HFTokenizer:
         find = functools.partial(cached_file, name_or_path, local_files_only=offline,  # a path, or None
                                  **dict.fromkeys(("_raise_exceptions_for_missing_entries",
                                                   "_raise_exceptions_for_connection_errors"), False))
-        modules = json.loads(Path(find(filename="modules.json")).read_text()) if find(filename="modules.json") else []
+        modules = json.loads(Path(found).read_text()) if (found := find(filename="modules.json")) else []
         names = ["modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"] + [
             m["path"] + "/config.json" for m in modules if m.get("path")]
         self.st_files = {n: Path(f).read_text() for n in names if modules and (f := find(filename=n))}

@@ -92,10 +92,12 @@ def cached_features(model, split_rows, device, dtype, cache=True):
     """{split: mean_features} for {split: rows}, read from the cache when these weights met these texts in this
     precision on this kind of device before. Returns (features, seconds of extraction or None when read back)."""
     autocast = train.autocast_for(device, dtype)
-    key = hashlib.blake2b(json.dumps([weights_digest(model), split_rows, str(dtype), device]).encode(),
-                          digest_size=16).hexdigest() if cache else None
-    path = data._cache_dir() / "features" / f"{key}.pt"
-    if cache and path.exists():
+    path = None
+    if cache:  # (the digest reads every weight: only when the cache is used)
+        key = hashlib.blake2b(json.dumps([weights_digest(model), split_rows, str(dtype), device]).encode(),
+                              digest_size=16).hexdigest()
+        path = data._cache_dir() / "features" / f"{key}.pt"
+    if path is not None and path.exists():
         try:
             feats = torch.load(path, map_location="cpu", weights_only=True)
             os.utime(path)  # recently used: kept longest
